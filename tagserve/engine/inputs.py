@@ -1,0 +1,150 @@
+"""Prompts -> token ids: input forms, truncation and vLLM's length rules, in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tagserve.engine.tokenizer import Tokenizer
+from tagserve.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class TokenizedPrompt:
+    token_ids: list[int]
+    offsets: list[tuple[int, int]] | None  # char span per token; None for token-id prompts
+    text: str | None
+
+
+@dataclass(frozen=True)
+class TokenizeParams:
+    """How text becomes tokens (vLLM's `tokenization_kwargs` and request fields)."""
+
+    max_model_len: int
+    truncate_prompt_tokens: int | None = None
+    truncation_side: str | None = None
+    add_special_tokens: bool = True
+
+    @classmethod
+    def from_kwargs(cls, max_model_len: int, kwargs: dict[str, Any] | None) -> TokenizeParams:
+        kwargs = dict(kwargs or {})
+        truncate = kwargs.pop("truncate_prompt_tokens", None)
+        max_length = kwargs.pop("max_length", None)
+        if kwargs.pop("truncation", False) in (True, "longest_first") and truncate is None:
+            truncate = max_length if max_length is not None else -1
+        params = cls(max_model_len, truncate, kwargs.pop("truncation_side", None),
+                     kwargs.pop("add_special_tokens", True))
+        for ignored in ("padding", "pad_prompt_tokens", "do_lower_case"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            logger.warning("Ignoring unknown tokenization_kwargs: %s", sorted(kwargs))
+        return params.checked()
+
+    def checked(self) -> TokenizeParams:
+        n = self.truncate_prompt_tokens
+        if n is not None and n < -1:
+            raise ValidationError("truncate_prompt_tokens must be >= -1 (-1 keeps "
+                                  "max_model_len tokens)", parameter="truncate_prompt_tokens",
+                                  value=n)
+        if n is not None and n > self.max_model_len:
+            raise ValidationError("truncate_prompt_tokens value is greater than max_model_len. "
+                                  "Please request a smaller truncation size.",
+                                  parameter="truncate_prompt_tokens", value=n)
+        if self.truncation_side not in (None, "left", "right"):
+            raise ValidationError("truncation_side must be 'left' or 'right'",
+                                  parameter="truncation_side", value=self.truncation_side)
+        return self
+
+    @property
+    def truncate_to(self) -> int | None:
+        n = self.truncate_prompt_tokens
+        return self.max_model_len if n == -1 else n
+
+
+def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """vLLM's `prompt_to_seq`: a str, dict or non-empty list of ints is one prompt."""
+    if isinstance(prompts, (str, dict, bytes)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [list(prompts)]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise ValidationError(f"Unsupported prompt type {type(prompts).__name__}; expected str, "
+                          "list[str], list[int], list[list[int]] or prompt dicts")
+
+
+def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, dict):
+        if "data" in prompt:
+            raise ValidationError("The 'data' field is only supported for the 'plugin' pooling "
+                                  "task.")
+        if "prompt_token_ids" in prompt:
+            return None, list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"], None
+        raise ValidationError("A prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return None, list(prompt)
+    raise ValidationError(f"Unsupported prompt {type(prompt).__name__}: expected a string, a "
+                          "list of token ids or a prompt dict")
+
+
+def _too_long(max_len: int, count: int, at_least: bool) -> ValidationError:
+    return ValidationError(
+        f"This model's maximum context length is {max_len} tokens. However, your prompt "
+        f"contains {'at least ' if at_least else ''}{count} input tokens, which exceeds this "
+        "limit even without any output tokens. Please reduce the length of the input prompt.",
+        parameter="input_tokens", value=count)
+
+
+def tokenize_prompts(prompts: list[Prompt], tokenizer: Tokenizer | None,
+                     params: TokenizeParams) -> list[TokenizedPrompt]:
+    """Tokenize all text prompts in one batched call; check every result against the limits."""
+    split = [_split_prompt(p) for p in prompts]
+    texts = [t for t, _ in split if t is not None]
+    if texts and tokenizer is None:
+        raise ValidationError("Text prompts need a tokenizer; pass token ids instead.")
+    max_len, n = params.max_model_len, params.truncate_to
+    if n is None and texts:
+        limit = max_len * tokenizer.max_chars_per_token
+        for text in texts:
+            if len(text) > limit:
+                raise ValidationError(
+                    f"This model's maximum context length is {max_len} tokens. However, your "
+                    f"prompt contains {len(text)} characters (more than {limit} characters, "
+                    f"which is the upper bound for {max_len} input tokens). Please reduce the "
+                    "length of the input prompt.", parameter="input_text", value=len(text))
+    content_truncation = n is not None and params.truncation_side is None
+    encodings = iter(tokenizer.encode_batch(
+        texts, add_special_tokens=params.add_special_tokens and not content_truncation)
+        if texts else [])
+    side = params.truncation_side or (tokenizer.truncation_side if tokenizer else "right")
+    out: list[TokenizedPrompt] = []
+    for text, ids in split:
+        offsets = None
+        if text is not None:
+            enc = next(encodings)
+            if content_truncation:
+                enc = tokenizer.truncate(enc, n, side, params.add_special_tokens)
+            ids, offsets = enc.ids, enc.offsets
+        if n is not None and len(ids) > n:
+            keep = slice(0, n) if side == "right" else slice(len(ids) - n, len(ids))
+            ids = ids[keep]
+            offsets = offsets[keep] if offsets is not None else None
+        if not ids:
+            raise ValidationError("The decoder prompt cannot be empty")
+        if len(ids) > max_len:
+            at_least = text is not None
+            raise _too_long(max_len, max_len + 1 if at_least else len(ids), at_least)
+        out.append(TokenizedPrompt(list(ids), offsets, text))
+    return out

@@ -1,0 +1,121 @@
+"""Attention over a packed batch: tokens of all sequences in one `[T, heads, head_dim]` tensor.
+
+Two kernels, one interface (`packed_attention`):
+- CUDA: flash attention for variable-length sequences (`torch.nn.attention.varlen.varlen_attn`),
+  no padding at all.
+- CPU (and CUDA without varlen flash): sequences are grouped by length; each group of equal
+  length runs as one dense SDPA call with no mask (or a causal/window mask), so there is no
+  padding and no block-diagonal waste.
+
+A window is `(left, right)` as in flash attention: query i sees key j iff i-left <= j <= i+right,
+-1 meaning unbounded; `(-1, 0)` is causal.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+Window = tuple[int, int]
+FULL: Window = (-1, -1)
+CAUSAL: Window = (-1, 0)
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
+except ImportError:  # torch < 2.9
+    _varlen_attn = None
+    _VARLEN_PARAMS = set()
+
+
+@dataclass
+class LengthGroup:
+    """Sequences of one length, stored contiguously or not: `index [n, length]` into the batch."""
+
+    length: int
+    index: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence lives in the packed batch; built once per batch, shared by all layers."""
+
+    seq_lens: list[int]
+    cu_seqlens: torch.Tensor  # [B+1] int32 on the model device
+    max_seqlen: int
+    use_varlen: bool
+    groups: list[LengthGroup] = field(default_factory=list)
+    _masks: dict[tuple[int, Window], torch.Tensor | None] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, seq_lens: list[int], device: torch.device) -> AttentionMetadata:
+        offsets = [0]
+        for n in seq_lens:
+            offsets.append(offsets[-1] + n)
+        cu = torch.tensor(offsets, dtype=torch.int32)
+        use_varlen = device.type == "cuda" and _varlen_attn is not None
+        groups: list[LengthGroup] = []
+        if not use_varlen:
+            by_len: dict[int, list[int]] = {}
+            for i, n in enumerate(seq_lens):
+                by_len.setdefault(n, []).append(offsets[i])
+            for n, starts in by_len.items():
+                idx = torch.tensor(starts).unsqueeze(1) + torch.arange(n).unsqueeze(0)
+                groups.append(LengthGroup(n, idx.to(device, non_blocking=True)))
+        return cls(seq_lens, cu.to(device, non_blocking=True), max(seq_lens), use_varlen, groups)
+
+    def mask(self, length: int, window: Window, device: torch.device) -> torch.Tensor | None:
+        """Boolean `[L, L]` mask (True = attend) for a window, or None when it allows everything."""
+        key = (length, window)
+        if key not in self._masks:
+            left, right = window
+            if (left < 0 or left >= length - 1) and (right < 0 or right >= length - 1):
+                self._masks[key] = None
+            else:
+                pos = torch.arange(length, device=device)
+                rel = pos.unsqueeze(0) - pos.unsqueeze(1)  # j - i
+                ok = torch.ones(length, length, dtype=torch.bool, device=device)
+                if left >= 0:
+                    ok &= rel >= -left
+                if right >= 0:
+                    ok &= rel <= right
+                self._masks[key] = ok
+        return self._masks[key]
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                     window: Window = FULL, scale: float | None = None) -> torch.Tensor:
+    """Attention of `q [T, Hq, D]` over `k, v [T, Hkv, D]` within each packed sequence."""
+    if meta.use_varlen and (window in (FULL, CAUSAL) or "window_size" in _VARLEN_PARAMS):
+        return _flash_varlen(q, k, v, meta, window, scale)
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    for group in meta.groups:
+        # [n, L, H, D] -> [n, H, L, D]
+        qg, kg, vg = (t[group.index].transpose(1, 2) for t in (q, k, v))
+        mask = meta.mask(group.length, window, q.device)
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
+                                            enable_gqa=gqa)
+        out[group.index] = og.transpose(1, 2)
+    return out
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                  window: Window, scale: float | None) -> torch.Tensor:
+    kwargs: dict = {"scale": scale}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if "window_size" in _VARLEN_PARAMS:
+        kwargs["window_size"] = window
+    elif window == CAUSAL:
+        kwargs["is_causal"] = True
+    return _varlen_attn(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
+                        meta.max_seqlen, **kwargs)

@@ -1,0 +1,37 @@
+"""A backbone plus its label head: per-token logits for a packed batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tagserve.layers.attention import AttentionMetadata
+from tagserve.models.base import Backbone
+
+
+class TokenClassifier(nn.Module):
+    """`backbone -> [pre_head] -> Linear(hidden, num_labels)`; the head runs in `head_dtype`.
+
+    `head_name` is the checkpoint name of the linear head: `classifier` for native encoders,
+    `score` for decoders and converted backbones. The pre-head (ModernBERT's `head`) keeps the
+    model dtype, like the backbone.
+    """
+
+    def __init__(self, backbone: Backbone, num_labels: int, head_name: str, head_bias: bool,
+                 head_dtype: torch.dtype, pre_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pre_head = pre_head
+        self.head_name = head_name
+        self.head = nn.Linear(backbone.hidden_size, num_labels, bias=head_bias, dtype=head_dtype)
+
+    @property
+    def num_labels(self) -> int:
+        return self.head.out_features
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn: AttentionMetadata) -> torch.Tensor:
+        hidden = self.backbone(input_ids, positions, attn)
+        if self.pre_head is not None:
+            hidden = self.pre_head(hidden)
+        return self.head(hidden.to(self.head.weight.dtype))

@@ -1,0 +1,26 @@
+"""Result objects returned by `LLM.encode`, shaped like vLLM's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PoolingOutput:
+    """`data`: float32 CPU tensor, `[num_tokens, num_labels]` for token classification."""
+
+    data: torch.Tensor
+
+
+@dataclass
+class PoolingRequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: PoolingOutput
+    num_cached_tokens: int = 0
+    finished: bool = True
+    error: str | None = None
+    # Character span of each token in the prompt text (None for token-id prompts); a tagserve extra.
+    offsets: list[tuple[int, int]] | None = field(default=None, repr=False)
