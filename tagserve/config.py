@@ -39,7 +39,8 @@ class HFConfig:
 
     def __init__(self, data: dict[str, Any]) -> None:
         for key, value in data.items():
-            setattr(self, key, value)
+            if key != "num_labels":  # derived from id2label, as in transformers
+                setattr(self, key, value)
         if "id2label" in data:
             self.id2label = {int(k): v for k, v in data["id2label"].items()}
         elif "num_labels" in data:

@@ -127,7 +127,8 @@ def create_engine(args: EngineArgs) -> LLMEngine:
                                    model_config.max_model_len),
         max_num_seqs=args.max_num_seqs, max_waiting_requests=args.max_waiting_requests)
     model = build_model(model_config)
-    runner = ModelRunner(model, Pooler(hf_config, pooler, model_config.pooling_task), device)
+    runner = ModelRunner(model, Pooler(hf_config, pooler, model_config.pooling_task), device,
+                         model_config.dtype)
     logger.info("Loaded %s (%s, %s on %s, task %s, max_model_len %d) in %.1fs", args.model,
                 resolved.name, model_config.dtype, device, model_config.pooling_task,
                 model_config.max_model_len, time.perf_counter() - start)

@@ -16,6 +16,7 @@ class Request:
     params: PoolingParams
     offsets: list[tuple[int, int]] | None = None
     arrival_index: int = 0
+    cancelled: bool = False  # set by the server when the client is gone; never scheduled then
     result: torch.Tensor | None = field(default=None, repr=False)
     error: BaseException | None = field(default=None, repr=False)
 

@@ -52,12 +52,12 @@ class AttentionMetadata:
     _masks: dict[tuple[int, Window], torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, seq_lens: list[int], device: torch.device) -> AttentionMetadata:
+    def build(cls, seq_lens: list[int], device: torch.device,
+              use_varlen: bool) -> AttentionMetadata:
         offsets = [0]
         for n in seq_lens:
             offsets.append(offsets[-1] + n)
         cu = torch.tensor(offsets, dtype=torch.int32)
-        use_varlen = device.type == "cuda" and _varlen_attn is not None
         groups: list[LengthGroup] = []
         if not use_varlen:
             by_len: dict[int, list[int]] = {}
@@ -85,6 +85,12 @@ class AttentionMetadata:
                     ok &= rel <= right
                 self._masks[key] = ok
         return self._masks[key]
+
+
+def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Flash varlen needs CUDA, 16-bit activations and a torch that ships it."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and _varlen_attn is not None)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,

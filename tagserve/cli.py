@@ -1,0 +1,195 @@
+"""The `tagserve` command: `tagserve serve MODEL [flags]`.
+
+Flags use vLLM's names and map 1:1 onto `EngineArgs` (engine) and `ServerSettings` (front
+door). A subcommand is an entry of `SUBCOMMANDS`: a function adding its flags and one running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tagserve import __version__
+from tagserve.config import DTYPES, PoolerConfig
+from tagserve.engine.factory import EngineArgs
+from tagserve.errors import ModelLoadError, ValidationError
+from tagserve.server.settings import (
+    DEFAULT_MAX_INPUTS_PER_REQUEST,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    ServerSettings,
+)
+
+logger = logging.getLogger("tagserve")
+
+API_KEY_ENV_VARS = ("TAGSERVE_API_KEY", "VLLM_API_KEY")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _json_or_text(text: str) -> Any:
+    """`--pooler-config.use_activation false` -> False, `--pooler-config.task embed` -> 'embed'."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="Checkpoint folder or Hugging Face hub id.")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="Address to bind (default: %(default)s).")
+    server.add_argument("--port", type=int, default=8000, help="Port (default: %(default)s).")
+    server.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                        help="Name(s) clients use in `model`; the first is used in responses. "
+                             "Default: MODEL as given.")
+    server.add_argument("--api-key", action="append", metavar="KEY",
+                        help="Require `Authorization: Bearer KEY` on every route except /health, "
+                             "/ping and /metrics (vLLM guards only /v1/...). Repeat for several "
+                             f"keys. Default: ${API_KEY_ENV_VARS[0]} or ${API_KEY_ENV_VARS[1]}.")
+    server.add_argument("--max-request-body-bytes", type=int,
+                        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                        help="Larger request bodies get 413 (default: %(default)s).")
+    server.add_argument("--max-inputs-per-request", type=int,
+                        default=DEFAULT_MAX_INPUTS_PER_REQUEST,
+                        help="Requests with more inputs get 413 (default: %(default)s).")
+    server.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info",
+                        choices=LOG_LEVELS, help="Log level (default: %(default)s).")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--tokenizer", help="Tokenizer folder or hub id (default: MODEL).")
+    model.add_argument("--revision", help="Hub revision of MODEL.")
+    model.add_argument("--runner", default="auto", choices=("auto", "pooling"),
+                       help="Only pooling models are served (default: %(default)s).")
+    model.add_argument("--convert", default="auto", choices=("auto", "none", "classify", "embed"),
+                       help="`classify` runs *ForCausalLM / *Model checkpoints with their "
+                            "`score`/`classifier` head (default: %(default)s).")
+    model.add_argument("--pooler-config", type=_json_object, metavar="JSON",
+                       help='Pooler options as JSON, e.g. \'{"task": "token_classify"}\'.')
+    for field in fields(PoolerConfig):
+        model.add_argument(f"--pooler-config.{field.name}", dest=f"pooler_config.{field.name}",
+                           type=_json_or_text, metavar="VALUE",
+                           help=f"Sets PoolerConfig.{field.name} (wins over --pooler-config).")
+    model.add_argument("--hf-overrides", type=_json_object, metavar="JSON",
+                       help="JSON object written over the checkpoint's config.json.")
+    model.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                       help="Weights and activations; auto = float32 on CPU, the checkpoint's "
+                            "dtype on GPU (float32 checkpoints in bfloat16).")
+    model.add_argument("--max-model-len", type=int,
+                       help="Longest prompt in tokens (default: from the model and tokenizer).")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="Allow checkpoints whose architecture is defined by remote code.")
+    model.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "pt"),
+                       help="`pt` allows pickle checkpoints, read with weights_only=True.")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    model.add_argument("--seed", type=int, default=0, help="Random seed (default: %(default)s).")
+
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-num-seqs", type=int, default=256,
+                        help="Sequences per forward pass (default: %(default)s).")
+    engine.add_argument("--max-num-batched-tokens", type=int,
+                        help="Tokens per forward pass (default: 16384 on GPU, 8192 on CPU; never "
+                             "below max-model-len).")
+    engine.add_argument("--max-waiting-requests", type=int,
+                        default=EngineArgs.max_waiting_requests,
+                        help="Queued sequences beyond this get 503 (default: %(default)s).")
+
+
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    pooler = dict(args.pooler_config or {})
+    for field in fields(PoolerConfig):
+        value = getattr(args, f"pooler_config.{field.name}")
+        if value is not None:
+            pooler[field.name] = value
+    return EngineArgs(
+        model=args.model, tokenizer=args.tokenizer, runner=args.runner, convert=args.convert,
+        dtype=args.dtype, max_model_len=args.max_model_len, pooler_config=pooler or None,
+        hf_overrides=args.hf_overrides, trust_remote_code=args.trust_remote_code,
+        seed=args.seed, device=args.device, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting_requests=args.max_waiting_requests, revision=args.revision,
+        load_format=args.load_format)
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    keys = args.api_key or [os.environ[v] for v in API_KEY_ENV_VARS if os.environ.get(v)][:1]
+    return ServerSettings(served_model_names=args.served_model_name or [args.model],
+                          api_keys=keys, max_request_body_bytes=args.max_request_body_bytes,
+                          max_inputs_per_request=args.max_inputs_per_request)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # the server extras are needed only here
+
+    from tagserve.engine.async_engine import AsyncEngine
+    from tagserve.server.app import build_app
+
+    logging.basicConfig(level=logging.DEBUG if args.log_level == "trace"
+                        else args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = server_settings(args)
+    try:
+        engine = AsyncEngine.from_engine_args(engine_args(args))
+    except (ValidationError, ModelLoadError) as exc:
+        logger.error("Cannot serve %s: %s", args.model, exc)
+        return 1
+    try:
+        app = build_app(engine, settings)
+        logger.info("Serving %s as %s on http://%s:%d (API key %s)", args.model,
+                    settings.served_model_names, args.host, args.port,
+                    "required" if settings.api_keys else "not required")
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "serve": Subcommand("Serve a model with vLLM's Pooling API (POST /pooling).",
+                        add_serve_arguments, run_serve),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tagserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tagserve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""`AsyncEngine`: the synchronous `LLMEngine` behind an asyncio front door.
+
+One background thread owns the model. It loops: schedule the waiting requests into a batch
+under the token budget, run it (`LLMEngine.step`), and hand each finished request back to the
+event loop that submitted it. Tokenization and chat rendering run in a small thread pool (the
+Rust tokenizer releases the GIL), so the event loop never waits on the tokenizer or the model.
+Requests whose client has gone are marked cancelled and dropped before they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from tagserve.config import ModelConfig
+from tagserve.engine.engine import LLMEngine
+from tagserve.engine.factory import EngineArgs, create_engine
+from tagserve.engine.inputs import Prompt, TokenizedPrompt, TokenizeParams, tokenize_prompts
+from tagserve.engine.request import Request
+from tagserve.engine.tokenizer import Tokenizer
+from tagserve.errors import ValidationError
+from tagserve.params import PoolingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+BatchListener = Callable[[list[Request]], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served any more."""
+
+
+class ModelExecutionError(RuntimeError):
+    """The model raised while running this request (a server fault, not bad input)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, tokenizer_threads: int = 4) -> None:
+        self.engine = engine
+        self._pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tagserve-tok")
+        self._futures: dict[str, asyncio.Future[torch.Tensor]] = {}
+        self._ids = itertools.count()
+        self._listeners: list[BatchListener] = []
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self.dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tagserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
+        return cls(create_engine(args))
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.config.model_config
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued and not yet in a forward pass."""
+        return len(self.engine.scheduler)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
+    def add_batch_listener(self, listener: BatchListener) -> None:
+        """Call `listener(batch)` from the engine thread after every forward pass."""
+        self._listeners.append(listener)
+
+    async def run_in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU work (tokenization, chat rendering) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def tokenize(self, prompts: list[Prompt],
+                       params: TokenizeParams) -> list[TokenizedPrompt]:
+        """Prompts -> token ids with vLLM's length rules; token ids are checked against the
+        vocabulary so that a bad id is a 400, never a model failure."""
+        return await self.run_in_pool(self._tokenize, prompts, params)
+
+    def _tokenize(self, prompts: list[Prompt], params: TokenizeParams) -> list[TokenizedPrompt]:
+        tokenized = tokenize_prompts(prompts, self.tokenizer, params)
+        vocab_size = self.model_config.hf_config.get("vocab_size")
+        for prompt in tokenized:
+            if prompt.text is None:
+                check_token_ids(prompt.token_ids, vocab_size)
+        return tokenized
+
+    async def encode(self, prompts: list[TokenizedPrompt],
+                     params: PoolingParams) -> list[torch.Tensor]:
+        """Queue the prompts, wait for all of them, return one tensor per prompt in order.
+
+        If the caller is cancelled (client gone) or one prompt fails, the remaining prompts
+        are dropped from the queue."""
+        if not self.is_alive:
+            raise EngineDeadError("The engine has stopped; restart the server.")
+        loop = asyncio.get_running_loop()
+        requests = [Request(str(next(self._ids)), p.token_ids, params, p.offsets, i)
+                    for i, p in enumerate(prompts)]
+        # Similar lengths side by side: fewer attention groups, same results.
+        requests.sort(key=lambda r: r.num_tokens)
+        futures = {r.request_id: loop.create_future() for r in requests}
+        self._futures.update(futures)
+        try:
+            self.engine.scheduler.add_all(requests)
+            self._wakeup.set()
+            results = await asyncio.gather(*futures.values())
+        except BaseException:
+            for request in requests:
+                request.cancelled = True
+            raise
+        finally:
+            for request_id in futures:
+                self._futures.pop(request_id, None)
+        by_index = {r.arrival_index: t for r, t in zip(requests, results, strict=True)}
+        return [by_index[i] for i in range(len(requests))]
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout=30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ----------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._wakeup.clear()
+                if not engine.has_unfinished_requests():
+                    self._wakeup.wait()
+                    continue
+                done = engine.step()
+                if not done:
+                    continue
+                self._isolate_failures(done)
+                self._notify(done)
+                self._deliver(done)
+        except BaseException as exc:  # noqa: BLE001 - reported to every waiting request
+            logger.exception("The engine thread stopped")
+            self.dead = exc
+            self._fail_all(exc)
+
+    def _isolate_failures(self, batch: list[Request]) -> None:
+        """A failed batch is re-run one request at a time, so one bad request (or a batch too
+        large for the device) fails only itself."""
+        if len(batch) < 2 or any(r.error is None for r in batch):
+            return
+        for request in batch:
+            if request.cancelled:
+                continue
+            try:
+                request.result, request.error = self.engine.runner.run([request])[0], None
+            except Exception as exc:  # noqa: BLE001 - reported to this request only
+                request.error = exc
+
+    def _notify(self, batch: list[Request]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(batch)
+            except Exception:  # noqa: BLE001 - a listener never stops the engine
+                logger.exception("Batch listener %r failed", listener)
+
+    def _deliver(self, requests: list[Request]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Request]] = {}
+        for request in requests:
+            future = self._futures.get(request.request_id)
+            if future is not None and not request.cancelled:
+                by_loop.setdefault(future.get_loop(), []).append(request)
+        for loop, batch in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._resolve, batch)
+
+    def _resolve(self, requests: list[Request]) -> None:
+        """On the event loop: complete each request's future."""
+        for request in requests:
+            future = self._futures.get(request.request_id)
+            if future is None or future.done():
+                continue
+            if request.error is not None:
+                logger.error("The model failed on a request: %r", request.error)
+                future.set_exception(ModelExecutionError(
+                    f"The model failed on this request ({type(request.error).__name__})"))
+            else:
+                future.set_result(request.result)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        error = EngineDeadError(f"The engine has stopped: {type(exc).__name__}")
+        for future in list(self._futures.values()):
+            loop = future.get_loop()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_set_exception, future, error)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int | None) -> None:
+    """Reject ids the embedding table does not have (vLLM's out-of-vocabulary error)."""
+    low, high = min(token_ids), max(token_ids)
+    bad = low if low < 0 else high if vocab_size is not None and high >= vocab_size else None
+    if bad is not None:
+        raise ValidationError(f"Token id {bad} is out of vocabulary", parameter="input",
+                              value=bad)

@@ -1,0 +1,31 @@
+"""`build_app`: the FastAPI application around an `AsyncEngine`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from tagserve import __version__
+from tagserve.engine.async_engine import AsyncEngine
+from tagserve.server.errors import InternalErrorMiddleware, install_error_handlers
+from tagserve.server.metrics import ServerMetrics
+from tagserve.server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from tagserve.server.routes import health, models, pooling, tokenize
+from tagserve.server.settings import ServerSettings
+from tagserve.server.state import ServerState
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    """Routes, error mapping and middleware; the engine's lifetime belongs to the caller."""
+    app = FastAPI(title="tagserve", version=__version__,
+                  description="Token classification with vLLM's Pooling API.")
+    app.state.tagserve = ServerState(engine, settings, ServerMetrics(engine))
+    for module in (pooling, tokenize, models, health):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    # Added innermost first: metrics see every answer, including 401 and 413.
+    app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(AuthMiddleware, api_keys=settings.api_keys)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.tagserve.metrics)
+    return app

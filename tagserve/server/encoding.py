@@ -1,0 +1,149 @@
+"""Pooling results -> response bodies: float JSON, base64, or raw bytes with a `metadata` header.
+
+Float JSON is written by a vectorized formatter instead of `json.dumps(tensor.tolist())`
+(about 20x faster): every value is printed with 9 significant digits in exponent form, e.g.
+` 7.21124411e-01` or `-2.50000000e+00`, which parses back to exactly the same float32
+(the values are float32, so 9 digits are always enough). Positive values get a leading space
+so that every value has the same width; JSON allows whitespace between values.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from fastapi.responses import Response
+
+# embed_dtype -> (dtype sent, same-width dtype numpy can view: numpy has no bf16 or fp8)
+EMBED_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
+    "float32": (torch.float32, torch.float32),
+    "float16": (torch.float16, torch.float16),
+    "bfloat16": (torch.bfloat16, torch.float16),
+    "fp8_e4m3": (torch.float8_e4m3fn, torch.uint8),
+    "fp8_e5m2": (torch.float8_e5m2, torch.uint8),
+}
+
+
+@dataclass(frozen=True)
+class ResponseInfo:
+    """The envelope of a pooling response."""
+
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+
+    def usage(self) -> dict[str, int | None]:
+        return {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens,
+                "completion_tokens": 0, "prompt_tokens_details": None,
+                "completion_tokens_details": None}
+
+
+def tensor_bytes(tensor: torch.Tensor, embed_dtype: str, endianness: str) -> bytes:
+    """The flattened tensor's raw bytes in `embed_dtype` and the requested byte order."""
+    dtype, view = EMBED_DTYPES[embed_dtype]
+    array = tensor.to(dtype).flatten().contiguous().view(view).numpy()
+    if endianness not in ("native", sys.byteorder):
+        array = array.byteswap()
+    return array.tobytes()
+
+
+# ------------------------------------------------------------------------- float JSON
+# Each value is 16 bytes, built from four 4-byte lookups: sign + first digits, four digits,
+# three digits + "e", exponent + ",".
+
+
+def _table(strings: list[str]) -> np.ndarray:
+    return np.frombuffer("".join(strings).encode(), dtype="<u4").copy()
+
+
+_HEAD = _table([f"{s}{d // 10}.{d % 10}" for s in " -" for d in range(100)])
+_MID = _table([f"{i:04d}" for i in range(10_000)])
+_TAIL = _table([f"{i:03d}e" for i in range(1000)])
+_EXP_MIN = -50  # float32 exponents lie in [-45, 38]
+_EXP = _table([f"{'-' if e < 0 else '+'}{abs(e):02d}," for e in range(_EXP_MIN, 51)])
+_POW10 = 10.0 ** np.arange(-70, 71)  # _POW10[70 + k] = 10**k
+
+
+def _format_rows(values: np.ndarray) -> bytes:
+    """`[[v, ...], ...]` for a finite float32 matrix with at least one column."""
+    rows, cols = values.shape
+    flat = values.astype(np.float64).ravel()
+    magnitude = np.abs(flat)
+    zero = magnitude == 0
+    magnitude[zero] = 1.0
+    # mantissa: 9 digits in [1e8, 1e9); log10 can be off by one at powers of ten.
+    exponent = np.floor(np.log10(magnitude)).astype(np.int64)
+    mantissa = np.rint(magnitude * _POW10[78 - exponent]).astype(np.int64)
+    fix = (mantissa >= 1_000_000_000).astype(np.int64) - (mantissa < 100_000_000)
+    if fix.any():
+        exponent += fix
+        mantissa = np.rint(magnitude * _POW10[78 - exponent]).astype(np.int64)
+    mantissa[zero] = 0
+    exponent[zero] = 0
+    words = np.empty((flat.size, 4), dtype="<u4")
+    words[:, 0] = _HEAD[np.signbit(flat) * 100 + mantissa // 10_000_000]
+    words[:, 1] = _MID[(mantissa // 1000) % 10_000]
+    words[:, 2] = _TAIL[mantissa % 1000]
+    words[:, 3] = _EXP[exponent - _EXP_MIN]
+    framed = np.empty((rows, cols * 16 + 2), dtype=np.uint8)
+    framed[:, 0] = ord("[")
+    framed[:, 1:-1] = words.view(np.uint8).reshape(rows, cols * 16)
+    framed[:, -2] = ord("]")
+    framed[:, -1] = ord(",")
+    return b"[" + framed.tobytes()[:-1] + b"]"
+
+
+def float_json(tensor: torch.Tensor) -> bytes:
+    """JSON array of the tensor's values: nested `[n][m]` for 2-D, flat for 1-D."""
+    values = tensor.detach().cpu().float().numpy()
+    if values.ndim not in (1, 2) or values.size == 0 or not np.isfinite(values).all():
+        return json.dumps(tensor.tolist(), separators=(",", ":")).encode()
+    if values.ndim == 1:
+        return _format_rows(values[None, :])[1:-1]
+    return _format_rows(values)
+
+
+# ------------------------------------------------------------------------- responses
+
+
+def pooling_response(outputs: list[torch.Tensor], info: ResponseInfo, encoding_format: str,
+                     embed_dtype: str, endianness: str) -> Response:
+    """vLLM's `PoolingResponse` (JSON) or its bytes form."""
+    if encoding_format in ("bytes", "bytes_only"):
+        return _bytes_response(outputs, info, encoding_format, embed_dtype, endianness)
+    if encoding_format == "base64":
+        items = [json.dumps(base64.b64encode(tensor_bytes(t, embed_dtype, endianness))
+                            .decode()).encode() for t in outputs]
+    else:
+        items = [float_json(t) for t in outputs]
+    head = json.dumps({"id": info.id, "object": "list", "created": info.created,
+                       "model": info.model}, separators=(",", ":"))[:-1].encode()
+    data = b",".join(b'{"index":%d,"object":"pooling","data":%s}' % (i, item)
+                     for i, item in enumerate(items))
+    usage = json.dumps(info.usage(), separators=(",", ":")).encode()
+    body = b'%s,"data":[%s],"usage":%s}' % (head, data, usage)
+    return Response(content=body, media_type="application/json")
+
+
+def _bytes_response(outputs: list[torch.Tensor], info: ResponseInfo, encoding_format: str,
+                    embed_dtype: str, endianness: str) -> Response:
+    parts = [tensor_bytes(t, embed_dtype, endianness) for t in outputs]
+    headers = None
+    if encoding_format == "bytes":
+        items, offset = [], 0
+        for i, (part, tensor) in enumerate(zip(parts, outputs, strict=True)):
+            items.append({"index": i, "embed_dtype": embed_dtype, "endianness": endianness,
+                          "start": offset, "end": offset + len(part),
+                          "shape": list(tensor.shape)})
+            offset += len(part)
+        headers = {"metadata": json.dumps({
+            "id": info.id, "created": info.created, "model": info.model, "data": items,
+            "usage": {"prompt_tokens": info.prompt_tokens,
+                      "total_tokens": info.prompt_tokens}})}
+    return Response(content=b"".join(parts), media_type="application/octet-stream",
+                    headers=headers)

@@ -1,0 +1,54 @@
+"""Prometheus metrics of one server (its own registry, so apps never share counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from tagserve.engine.async_engine import AsyncEngine
+from tagserve.engine.request import Request
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0)
+_POWERS_OF_TWO = tuple(float(2**i) for i in range(18))
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tagserve_http_requests", "HTTP requests by route and status",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("tagserve_http_request_duration_seconds",
+                                 "Time from request to response, by route", ["route"],
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("tagserve_prompt_tokens",
+                                     "Prompt tokens of successful pooling requests",
+                                     registry=self.registry)
+        self.queue_depth = Gauge("tagserve_queue_depth",
+                                 "Sequences waiting for a forward pass", registry=self.registry)
+        self.queue_depth.set_function(lambda: engine.num_waiting)
+        self.batch_tokens = Histogram("tagserve_batch_tokens", "Tokens per forward pass",
+                                      buckets=_POWERS_OF_TWO, registry=self.registry)
+        self.batch_sequences = Histogram("tagserve_batch_sequences",
+                                         "Sequences per forward pass",
+                                         buckets=_POWERS_OF_TWO[:12], registry=self.registry)
+        engine.add_batch_listener(self.observe_batch)
+
+    def observe_batch(self, batch: list[Request]) -> None:
+        """Called from the engine thread after each forward pass."""
+        self.batch_sequences.observe(len(batch))
+        self.batch_tokens.observe(sum(r.num_tokens for r in batch))
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

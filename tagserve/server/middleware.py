@@ -1,0 +1,116 @@
+"""ASGI middleware of the front door: metrics, API-key check and the body-size limit.
+
+Plain ASGI classes (no `BaseHTTPMiddleware`): they add no task or copy per request beyond the
+buffered body.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tagserve.server.errors import error_response
+from tagserve.server.metrics import ServerMetrics
+
+# Open without an API key: liveness probes and Prometheus scrapers carry no credentials.
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics"})
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template, method and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe_request(route, scope["method"], status,
+                                         time.perf_counter() - start)
+
+
+class AuthMiddleware:
+    """`Authorization: Bearer <key>` on every route but `PUBLIC_PATHS` (vLLM guards only
+    `/v1/...`; tagserve guards `/pooling` and `/tokenize` too)."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
+        self.app = app
+        self.tokens = [f"Bearer {key}".encode() for key in api_keys]
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        # Compare against every key so the time taken does not tell which one matched.
+        return sum(secrets.compare_digest(header, token) for token in self.tokens) > 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["method"] == "OPTIONS"
+                or scope["path"] in PUBLIC_PATHS or self._authorized(scope)):
+            await self.app(scope, receive, send)
+            return
+        await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Answers 413 for request bodies over `max_bytes`, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"The request body is larger than this server's limit of "
+                                  f"{self.max_bytes} bytes (--max-request-body-bytes).",
+                                  "RequestTooLargeError")
+        await response(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client gone before the body arrived
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as uvicorn does
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per area: pooling.py holds `POST /pooling` and `/invocations`."""

@@ -1,0 +1,86 @@
+"""`POST /pooling` (and SageMaker's `/invocations`): vLLM's Pooling API."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from tagserve.config import ModelConfig
+from tagserve.engine.inputs import TokenizeParams
+from tagserve.errors import ValidationError
+from tagserve.params import PoolingParams
+from tagserve.server.disconnect import cancel_on_disconnect
+from tagserve.server.encoding import ResponseInfo, pooling_response
+from tagserve.server.prompts import completion_prompts, render_chat
+from tagserve.server.protocol import PoolingCompletionRequest, PoolingRequest, PoolingResponse
+from tagserve.server.routes.common import ERROR_RESPONSES, require_json
+from tagserve.server.state import ServerState, State
+
+router = APIRouter()
+
+
+def resolve_task(requested: str | None, model_config: ModelConfig) -> str:
+    """The request's task: the served one when omitted; anything else is vLLM's 400."""
+    served = model_config.pooling_task
+    if requested is None or requested == served:
+        return served
+    if requested == "plugin":
+        raise ValidationError("No IOProcessor plugin installed. tagserve serves "
+                              f"'{served}' only.", parameter="task")
+    if requested in model_config.supported_tasks:
+        raise ValidationError("Try switching the model's pooling_task via --pooler-config.task "
+                              f"{requested}.", parameter="task")
+    raise ValidationError(f"Unsupported task: {requested!r} Supported tasks: "
+                          f"{list(model_config.supported_tasks)}", parameter="task")
+
+
+def _check_unsupported_fields(body: PoolingRequest) -> None:
+    if body.dimensions is not None:
+        raise ValidationError("dimensions is currently not supported", parameter="dimensions")
+    if body.priority != 0:
+        raise ValidationError(f"Got priority {body.priority} but Priority scheduling is not "
+                              "enabled.", parameter="priority")
+    if body.cache_salt is not None and not body.cache_salt:
+        raise ValidationError("Parameter 'cache_salt' must be a non-empty string if provided.",
+                              parameter="cache_salt")
+
+
+async def _pool(body: PoolingRequest, request: Request, state: ServerState) -> Response:
+    engine = state.engine
+    config = engine.model_config
+    model = state.model_name(body.model)
+    task = resolve_task(body.task, config)
+    _check_unsupported_fields(body)
+    params = PoolingParams(use_activation=body.use_activation).verify(
+        task, config.pooler_config, config.pooler_config.pooling_type == "STEP")
+    tokenize_params = TokenizeParams(config.max_model_len, body.truncate_prompt_tokens,
+                                     body.truncation_side, body.add_special_tokens).checked()
+    if isinstance(body, PoolingCompletionRequest):
+        prompts = completion_prompts(body.input, state.settings.max_inputs_per_request)
+    else:
+        prompts = [await render_chat(engine, body)]
+    tokenized = await engine.tokenize(prompts, tokenize_params)
+    outputs = await engine.encode(tokenized, params)
+    prompt_tokens = sum(len(p.token_ids) for p in tokenized)
+    state.metrics.prompt_tokens.inc(prompt_tokens)
+    request_id = request.headers.get("x-request-id") or body.request_id or uuid.uuid4().hex
+    info = ResponseInfo(f"pooling-{request_id}", int(time.time()), model, prompt_tokens)
+    return pooling_response(outputs, info, body.encoding_format, body.embed_dtype,
+                            body.endianness)
+
+
+@router.post("/pooling", response_model=PoolingResponse, responses=ERROR_RESPONSES,
+             dependencies=[Depends(require_json)])
+@router.post("/invocations", response_model=PoolingResponse, responses=ERROR_RESPONSES,
+             dependencies=[Depends(require_json)])
+async def create_pooling(body: PoolingRequest, request: Request,
+                         state: State) -> Response:
+    """One `[num_tokens, num_labels]` result per input, in input order.
+
+    `input` is a string, a list of strings, a list of token ids or a list of such lists; or
+    send `messages` to render a conversation with the tokenizer's chat template. With
+    `encoding_format` `bytes`/`bytes_only` the body is the raw concatenated tensors
+    (`application/octet-stream`; shapes in the `metadata` header for `bytes`)."""
+    return await cancel_on_disconnect(request, _pool(body, request, state))
