@@ -173,6 +173,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     load_format: str = "auto"
     is_causal: bool = False
+    enforce_eager: bool = False
 
     @property
     def head_dtype(self) -> torch.dtype:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -29,6 +31,8 @@ Please use one of the more specific methods or set the pooling_task when using `
 
 # Progress bars appear from this many prompts on.
 _TQDM_MIN_PROMPTS = 64
+# Prompts tokenized per call; the engine starts on the first chunk while the next is tokenized.
+_CHUNK = 2048
 
 
 class LLM:
@@ -41,14 +45,15 @@ class LLM:
                  trust_remote_code: bool = False, seed: int = 0, device: str = "auto",
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  load_format: str = "auto", revision: str | None = None,
-                 skip_tokenizer_init: bool = False, **kwargs: Any) -> None:
+                 skip_tokenizer_init: bool = False, enforce_eager: bool = False,
+                 **kwargs: Any) -> None:
         self.llm_engine: LLMEngine = create_engine(EngineArgs(
             model=model, tokenizer=tokenizer, runner=runner, convert=convert, dtype=dtype,
             max_model_len=max_model_len, pooler_config=pooler_config, hf_overrides=hf_overrides,
             trust_remote_code=trust_remote_code, seed=seed, device=device,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             load_format=load_format, revision=revision, skip_tokenizer_init=skip_tokenizer_init,
-            extra=kwargs))
+            enforce_eager=enforce_eager, extra=kwargs))
         self._request_counter = itertools.count()
 
     @property
@@ -96,14 +101,29 @@ class LLM:
         if not items:
             raise ValidationError("You must pass at least one prompt")
         params = self._params(pooling_params, len(items), task)
-        mc = self.model_config
-        tokenize = TokenizeParams.from_kwargs(mc.max_model_len, tokenization_kwargs)
-        tokenized = tokenize_prompts(items, self.llm_engine.tokenizer, tokenize)
-        requests = [Request(str(next(self._request_counter)), t.token_ids, p, t.offsets, i)
-                    for i, (t, p) in enumerate(zip(tokenized, params, strict=True))]
-        self._run(requests, use_tqdm)
+        tokenize = TokenizeParams.from_kwargs(self.model_config.max_model_len,
+                                              tokenization_kwargs)
+        request_ids = [str(next(self._request_counter)) for _ in items]
+        chunks = [range(s, min(s + _CHUNK, len(items))) for s in range(0, len(items), _CHUNK)]
+        # Tokenize chunk k+1 in a thread while the engine runs chunk k.
+        with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
+            pending = deque(pool.submit(self._make_requests, items, params, tokenize,
+                                        request_ids, chunk) for chunk in chunks)
+            try:
+                requests = self._run(pending, len(items), use_tqdm)
+            finally:
+                for future in pending:
+                    future.cancel()
         return [PoolingRequestOutput(r.request_id, r.token_ids, PoolingOutput(r.result),
                                      offsets=r.offsets) for r in requests]
+
+    def _make_requests(self, items: list[Prompt], params: list[PoolingParams],
+                       tokenize: TokenizeParams, request_ids: list[str],
+                       chunk: range) -> list[Request]:
+        tokenized = tokenize_prompts([items[i] for i in chunk], self.llm_engine.tokenizer,
+                                     tokenize)
+        return [Request(request_ids[i], t.token_ids, params[i], t.offsets, i)
+                for i, t in zip(chunk, tokenized, strict=True)]
 
     def _params(self, pooling_params: PoolingParams | Sequence[PoolingParams] | None, n: int,
                 task: str) -> list[PoolingParams]:
@@ -123,17 +143,23 @@ class LLM:
             out.append(p.verify(task, mc.pooler_config, mc.pooler_config.pooling_type == "STEP"))
         return out
 
-    def _run(self, requests: list[Request], use_tqdm: bool | Callable[..., tqdm]) -> None:
+    def _run(self, pending: deque[Future[list[Request]]], total: int,
+             use_tqdm: bool | Callable[..., tqdm]) -> list[Request]:
+        """Feed tokenized chunks to the engine as they come; results in input order."""
         engine = self.llm_engine
-        # Similar lengths side by side: fewer attention groups on CPU, same results.
-        for request in sorted(requests, key=lambda r: r.num_tokens):
-            engine.add_request(request)
+        results: list[Request] = []
         bar = None
-        if use_tqdm and len(requests) >= _TQDM_MIN_PROMPTS:
+        if use_tqdm and total >= _TQDM_MIN_PROMPTS:
             factory = use_tqdm if callable(use_tqdm) else tqdm
-            bar = factory(total=len(requests), desc="Processed prompts", unit="prompt")
+            bar = factory(total=total, desc="Processed prompts", unit="prompt")
         try:
-            while engine.has_unfinished_requests():
+            while pending or engine.has_unfinished_requests():
+                while pending and (pending[0].done() or len(engine.scheduler) == 0):
+                    chunk = pending.popleft().result()
+                    results += chunk
+                    # Similar lengths side by side: fewer attention groups on CPU.
+                    for request in sorted(chunk, key=lambda r: r.num_tokens):
+                        engine.add_request(request)
                 done = engine.step()
                 for request in done:
                     if request.error is not None:
@@ -141,6 +167,7 @@ class LLM:
                 if bar is not None:
                     bar.update(len(done))
         finally:
-            engine.scheduler.waiting.clear()
+            engine.abort_all()
             if bar is not None:
                 bar.close()
+        return results

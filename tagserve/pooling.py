@@ -6,6 +6,7 @@ Everything runs on the model's device; the result crosses to the CPU in one copy
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +14,20 @@ from tagserve.config import HFConfig, PoolerConfig
 from tagserve.params import PoolingParams
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PooledRows:
+    """Rows of all requests of a batch, stacked; `counts[i]` rows belong to request i.
+    `squeeze`: each request has one row, returned 1-D (sequence tasks)."""
+
+    rows: torch.Tensor
+    counts: list[int]
+    squeeze: bool = False
+
+    def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        parts = rows.split(self.counts)
+        return [p[0] for p in parts] if self.squeeze else list(parts)
 
 
 def _classify_activation(x: torch.Tensor) -> torch.Tensor:
@@ -46,29 +61,29 @@ class Pooler:
         return logits
 
     def __call__(self, logits: torch.Tensor, seq_lens: list[int], token_ids: torch.Tensor,
-                 params: list[PoolingParams]) -> list[torch.Tensor]:
-        """Per-request CPU float32 tensors, in batch order."""
+                 params: list[PoolingParams]) -> PooledRows:
+        """All requests' rows stacked on the model's device, with each request's row count."""
         logits = self._calibrate(logits.float())
         if self.task == "classify":
             last = torch.tensor(seq_lens, device=logits.device).cumsum(0) - 1
             rows = logits[last]
             flags = torch.tensor([p.use_activation for p in params], device=logits.device)
-            rows = torch.where(flags[:, None], self.activation(rows), rows).cpu()
-            return list(rows.unbind(0))
+            return PooledRows(torch.where(flags[:, None], self.activation(rows), rows),
+                              [1] * len(seq_lens), squeeze=True)
         if self.step:
-            return [self._step(x, ids, p) for x, ids, p in
-                    zip(logits.split(seq_lens), token_ids.split(seq_lens), params, strict=True)]
+            per_request = [self._step(x, ids, p) for x, ids, p in zip(
+                logits.split(seq_lens), token_ids.split(seq_lens), params, strict=True)]
+            return PooledRows(torch.cat(per_request), [len(r) for r in per_request])
         flags = {p.use_activation for p in params}
         if flags == {True}:
-            out = self.activation(logits)
-        elif flags == {False}:
-            out = logits
-        else:
-            per_token = torch.repeat_interleave(
-                torch.tensor([p.use_activation for p in params], device=logits.device),
-                torch.tensor(seq_lens, device=logits.device))
-            out = torch.where(per_token[:, None], self.activation(logits), logits)
-        return list(out.cpu().split(seq_lens))
+            return PooledRows(self.activation(logits), seq_lens)
+        if flags == {False}:
+            return PooledRows(logits, seq_lens)
+        per_token = torch.repeat_interleave(
+            torch.tensor([p.use_activation for p in params], device=logits.device),
+            torch.tensor(seq_lens, device=logits.device))
+        return PooledRows(torch.where(per_token[:, None], self.activation(logits), logits),
+                          seq_lens)
 
     def _step(self, logits: torch.Tensor, token_ids: torch.Tensor,
               params: PoolingParams) -> torch.Tensor:
@@ -77,4 +92,4 @@ class Pooler:
             logits = logits[:, params.returned_token_ids]
         if params.step_tag_id is not None:
             logits = logits[token_ids == params.step_tag_id]
-        return (self.activation(logits) if params.use_activation else logits).cpu()
+        return self.activation(logits) if params.use_activation else logits

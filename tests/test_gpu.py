@@ -25,26 +25,60 @@ def run(path, family: str, dtype: str, prompts: list[str]):
     return llm.encode(prompts, RAW, pooling_task="token_classify")
 
 
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float().cpu() - ref).abs().max() / ref.abs().max())
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_float32_and_bfloat16(family, make_checkpoint):
+    """fp32 matches transformers to 1e-4; bf16 is within 2e-2 of fp32 logits, or at least as
+    close as transformers' own bf16 run, with the argmax agreeing on almost all tokens."""
     path = make_checkpoint(family)
     oracle = AutoModelForTokenClassification.from_pretrained(oracle_dir(path)).eval()
+    oracle_bf16 = AutoModelForTokenClassification.from_pretrained(
+        oracle_dir(path), dtype=torch.bfloat16).cuda().eval()
     prompts = sentences(48, seed=11)
     fp32 = run(path, family, "float32", prompts)
     bf16 = run(path, family, "bfloat16", prompts)
-    agree = total = 0
-    worst32 = worst16 = 0.0
+    ours = {"fp32": 0.0, "bf16": 0.0, "hf_bf16": 0.0}
+    agree = hf_agree = total = 0
     for a, b in zip(fp32, bf16, strict=True):
+        ids = torch.tensor([a.prompt_token_ids])
         with torch.no_grad():
-            ref = oracle(input_ids=torch.tensor([a.prompt_token_ids])).logits[0]
-        scale = ref.abs().max()
-        worst32 = max(worst32, float((a.outputs.data - ref).abs().max() / scale))
-        worst16 = max(worst16, float((b.outputs.data - ref).abs().max() / scale))
+            ref = oracle(input_ids=ids).logits[0]
+            ref_bf16 = oracle_bf16(input_ids=ids.cuda()).logits[0]
+        ours["fp32"] = max(ours["fp32"], max_rel_err(a.outputs.data, ref))
+        ours["bf16"] = max(ours["bf16"], max_rel_err(b.outputs.data, ref))
+        ours["hf_bf16"] = max(ours["hf_bf16"], max_rel_err(ref_bf16, ref))
         assert b.outputs.data.dtype == torch.float32
         agree += int((b.outputs.data.argmax(-1) == ref.argmax(-1)).sum())
+        hf_agree += int((ref_bf16.argmax(-1).cpu() == ref.argmax(-1)).sum())
         total += ref.shape[0]
-    print(f"{family}: fp32 rel err {worst32:.2e}, bf16 rel err {worst16:.2e}, "
-          f"bf16 argmax agreement {agree / total:.4f} ({total} tokens)")
-    assert worst32 < 1e-4
-    assert worst16 < 2e-2
-    assert agree / total >= 0.99
+    print(f"{family}: fp32 rel err {ours['fp32']:.2e}; bf16 rel err {ours['bf16']:.2e} "
+          f"(transformers bf16 {ours['hf_bf16']:.2e}); bf16 argmax agreement "
+          f"{agree / total:.4f} (transformers bf16 {hf_agree / total:.4f}, {total} tokens)")
+    assert ours["fp32"] < 1e-4
+    assert ours["bf16"] < max(2e-2, 1.25 * ours["hf_bf16"])
+    assert agree / total >= min(0.99, hf_agree / total - 0.005)
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen3", "modernbert"])
+def test_fused_kernels_match_eager(family, make_checkpoint):
+    """The fused CUDA path (compiled norms, GEMM-epilogue GELU) against eager bf16 and fp32."""
+    path = make_checkpoint(family)
+    prompts = sentences(32, seed=12)
+    ref = LLM(str(path), device="cuda", dtype="float32").encode(
+        prompts, RAW, pooling_task="token_classify")
+    eager = LLM(str(path), device="cuda", dtype="bfloat16", enforce_eager=True).encode(
+        prompts, RAW, pooling_task="token_classify")
+    fused = LLM(str(path), device="cuda", dtype="bfloat16").encode(
+        prompts, RAW, pooling_task="token_classify")
+    pairs = list(zip(eager, fused, ref, strict=True))
+    worst_eager = max(max_rel_err(e.outputs.data, r.outputs.data) for e, _, r in pairs)
+    worst_fused = max(max_rel_err(f.outputs.data, r.outputs.data) for _, f, r in pairs)
+    agree = sum(int((f.outputs.data.argmax(-1) == r.outputs.data.argmax(-1)).sum())
+                for _, f, r in pairs) / sum(len(r.outputs.data) for r in ref)
+    print(f"{family}: bf16 eager rel err {worst_eager:.2e}, fused {worst_fused:.2e}, "
+          f"fused argmax agreement with fp32 {agree:.4f}")
+    assert worst_fused < max(2e-2, 1.25 * worst_eager)
+    assert agree >= 0.985

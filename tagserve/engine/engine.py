@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from tagserve.config import TagserveConfig
+from tagserve.config import ModelConfig, TagserveConfig
 from tagserve.engine.request import Request
-from tagserve.engine.runner import ModelRunner
+from tagserve.engine.runner import InFlight, ModelRunner
 from tagserve.engine.scheduler import Scheduler
 from tagserve.engine.tokenizer import Tokenizer
 
 
 class LLMEngine:
+    """`step()` launches the next batch, then returns the requests of the batch before it:
+    one batch is always queued on the device while the host finishes the previous one."""
+
     def __init__(self, config: TagserveConfig, tokenizer: Tokenizer | None,
                  runner: ModelRunner) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = runner
         self.scheduler = Scheduler(config.scheduler_config)
+        self.in_flight: InFlight | None = None
 
     @property
     def vllm_config(self) -> TagserveConfig:
@@ -23,26 +27,43 @@ class LLMEngine:
         return self.config
 
     @property
-    def model_config(self):  # noqa: ANN201 - same object as config.model_config
+    def model_config(self) -> ModelConfig:
         return self.config.model_config
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)
 
     def has_unfinished_requests(self) -> bool:
-        return len(self.scheduler) > 0
+        return len(self.scheduler) > 0 or self.in_flight is not None
 
     def step(self) -> list[Request]:
-        """Run one batch; a failure fails that batch's requests, never the engine."""
+        """A failure fails only the batch it happened in, never the engine."""
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        launched = None
+        failed: list[Request] = []
+        if batch:
+            try:
+                launched = self.runner.launch(batch)
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                for request in batch:
+                    request.error = exc
+                failed = batch
+        done = self._collect(self.in_flight) if self.in_flight is not None else []
+        self.in_flight = launched
+        return done + failed
+
+    def _collect(self, flight: InFlight) -> list[Request]:
         try:
-            results = self.runner.run(batch)
-        except Exception as exc:  # noqa: BLE001 - reported per request
-            for request in batch:
+            results = self.runner.collect(flight)
+        except Exception as exc:  # noqa: BLE001
+            for request in flight.requests:
                 request.error = exc
-            return batch
-        for request, result in zip(batch, results, strict=True):
+            return flight.requests
+        for request, result in zip(flight.requests, results, strict=True):
             request.result = result
-        return batch
+        return flight.requests
+
+    def abort_all(self) -> None:
+        """Forget every waiting and in-flight request (after an error in offline use)."""
+        self.scheduler.waiting.clear()
+        self.in_flight = None

@@ -58,6 +58,7 @@ class EngineArgs:
     revision: str | None = None
     load_format: str = "auto"
     skip_tokenizer_init: bool = False
+    enforce_eager: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,7 +121,8 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         supported_tasks=resolved.supported_tasks,
         pooling_task=_served_task(resolved, pooler, hf_config.get("architectures") or []),
         pooler_config=pooler, trust_remote_code=args.trust_remote_code,
-        load_format=args.load_format, is_causal=resolved.family.causal)
+        load_format=args.load_format, is_causal=resolved.family.causal,
+        enforce_eager=args.enforce_eager)
     default_tokens = 16384 if device.type == "cuda" else 8192
     scheduler_config = SchedulerConfig(
         max_num_batched_tokens=max(args.max_num_batched_tokens or default_tokens,

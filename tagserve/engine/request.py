@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tagserve.params import PoolingParams
@@ -19,6 +20,12 @@ class Request:
     cancelled: bool = False  # set by the server when the client is gone; never scheduled then
     result: torch.Tensor | None = field(default=None, repr=False)
     error: BaseException | None = field(default=None, repr=False)
+    # The ids as an array, made where the request is made (often a tokenizer thread), so that
+    # packing a batch is one concatenation.
+    ids: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.token_ids, dtype=np.int64)
 
     @property
     def num_tokens(self) -> int:

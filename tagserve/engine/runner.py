@@ -1,4 +1,9 @@
-"""Packs a batch of requests into flat tensors, runs the model and pools per request."""
+"""Packs a batch of requests into flat tensors, runs the model and pools per request.
+
+`launch` queues a batch on the device and starts the copy of its results to the host;
+`collect` waits for that copy. The engine launches batch i+1 before it collects batch i, so
+the GPU never waits for Python.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 from tagserve.engine.request import Request
 from tagserve.layers.attention import AttentionMetadata, varlen_supported
 from tagserve.models.heads import TokenClassifier
-from tagserve.pooling import Pooler
+from tagserve.pooling import PooledRows, Pooler
 
 
 @dataclass
@@ -27,16 +32,23 @@ class PackedBatch:
         return int(self.input_ids.shape[0])
 
 
+@dataclass
+class InFlight:
+    """A launched batch: its requests and the host copy of its rows (ready once `done` fires)."""
+
+    requests: list[Request]
+    pooled: PooledRows
+    host_rows: torch.Tensor
+    done: torch.cuda.Event | None
+
+
 def pack(requests: list[Request], device: torch.device, use_varlen: bool) -> PackedBatch:
     seq_lens = [r.num_tokens for r in requests]
-    ids = np.fromiter((t for r in requests for t in r.token_ids), dtype=np.int64,
-                      count=sum(seq_lens))
+    ids = np.concatenate([r.ids for r in requests])
     lens = np.asarray(seq_lens)
-    starts = np.repeat(np.cumsum(lens) - lens, lens)
-    positions = np.arange(len(ids)) - starts
-    pin = device.type == "cuda"
+    positions = np.arange(len(ids)) - np.repeat(np.cumsum(lens) - lens, lens)
     host = [torch.from_numpy(a) for a in (ids, positions)]
-    if pin:
+    if device.type == "cuda":
         host = [t.pin_memory() for t in host]
     input_ids, pos = (t.to(device, non_blocking=True) for t in host)
     attn = AttentionMetadata.build(seq_lens, device, use_varlen)
@@ -52,8 +64,27 @@ class ModelRunner:
         self.use_varlen = varlen_supported(device, dtype)
 
     @torch.inference_mode()
-    def run(self, requests: list[Request]) -> list[torch.Tensor]:
-        """One forward pass over the packed batch; returns each request's rows (CPU, float32)."""
+    def launch(self, requests: list[Request]) -> InFlight:
+        """Queue the forward pass and the pooling; start copying the rows to the host."""
         batch = pack(requests, self.device, self.use_varlen)
         logits = self.model(batch.input_ids, batch.positions, batch.attn)
-        return self.pooler(logits, batch.seq_lens, batch.input_ids, [r.params for r in requests])
+        pooled = self.pooler(logits, batch.seq_lens, batch.input_ids,
+                             [r.params for r in requests])
+        if self.device.type != "cuda":
+            return InFlight(requests, pooled, pooled.rows, None)
+        host = torch.empty(pooled.rows.shape, dtype=pooled.rows.dtype, pin_memory=True)
+        host.copy_(pooled.rows, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return InFlight(requests, pooled, host, done)
+
+    def collect(self, flight: InFlight) -> list[torch.Tensor]:
+        """Each request's rows (CPU, float32), in batch order."""
+        rows = flight.host_rows
+        if flight.done is not None:
+            flight.done.synchronize()
+            rows = rows.clone()  # let the pinned block go back to the cache
+        return flight.pooled.split(rows)
+
+    def run(self, requests: list[Request]) -> list[torch.Tensor]:
+        return self.collect(self.launch(requests))

@@ -8,6 +8,7 @@ from torch import nn
 from tagserve.config import HFConfig
 from tagserve.layers.activation import get_activation
 from tagserve.layers.attention import AttentionMetadata, packed_attention
+from tagserve.layers.fused import add_layer_norm, linear_gelu
 from tagserve.models.base import Backbone, WeightTarget
 
 
@@ -45,13 +46,17 @@ class BertLayer(nn.Module):
         self.up = nn.Linear(hidden, inter)
         self.down = nn.Linear(inter, hidden)
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
-        self.act = get_activation(config.get("hidden_act", "gelu"))
+        act = config.get("hidden_act", "gelu")
+        self.act = get_activation(act)
+        self.gelu = act.startswith("gelu")
+        self.fused = False  # set by the loader on 16-bit CUDA (layers/fused.py)
 
     def forward(self, x: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         a = packed_attention(q, k, v, attn).reshape(x.shape)
-        x = self.attn_norm(x + self.attn_out(a))
-        return self.mlp_norm(x + self.down(self.act(self.up(x))))
+        x = add_layer_norm(self.attn_out(a), x, self.attn_norm, self.fused)
+        h = linear_gelu(x, self.up, self.act, self.fused and self.gelu)
+        return add_layer_norm(self.down(h), x, self.mlp_norm, self.fused)
 
 
 class BertModel(Backbone):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tagserve.config import HFConfig
 from tagserve.layers.attention import CAUSAL, AttentionMetadata, Window, packed_attention
+from tagserve.layers.fused import add_rms_norm, silu_mul
 from tagserve.layers.norm import RMSNorm
 from tagserve.layers.rotary import RotaryEmbedding
 from tagserve.models.base import Backbone, WeightTarget
@@ -57,10 +57,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.rotary = rotary
         self.window = window
+        self.fused = False  # set by the loader on 16-bit CUDA (layers/fused.py)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionMetadata) -> torch.Tensor:
-        h = self.input_layernorm(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                attn: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (MLP output, residual stream); the next layer adds them in its norm."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = add_rms_norm(x, residual, self.input_layernorm, self.fused)
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -69,9 +74,9 @@ class DecoderLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         a = packed_attention(q, k, v, attn, self.window).reshape(-1, self.q_size)
-        x = x + self.o_proj(a)
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        h, residual = add_rms_norm(self.o_proj(a), residual, self.post_attention_layernorm,
+                                   self.fused)
+        return self.down_proj(silu_mul(self.gate_up_proj(h), self.fused)), residual
 
 
 class DecoderModel(Backbone):
@@ -95,10 +100,10 @@ class DecoderModel(Backbone):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, attn)
+        return add_rms_norm(x, residual, self.norm, self.layers[0].fused)[0]
 
     def map_weight(self, name: str) -> WeightTarget | None:
         parts = name.split(".")

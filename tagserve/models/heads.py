@@ -25,6 +25,12 @@ class TokenClassifier(nn.Module):
         self.head_name = head_name
         self.head = nn.Linear(backbone.hidden_size, num_labels, bias=head_bias, dtype=head_dtype)
 
+    def enable_fusion(self, enabled: bool) -> None:
+        """Switch every layer that has fused kernels (layers/fused.py) on or off."""
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = enabled
+
     @property
     def num_labels(self) -> int:
         return self.head.out_features

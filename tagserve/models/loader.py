@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from tagserve.config import ModelConfig
 from tagserve.errors import ModelLoadError
+from tagserve.layers.fused import fusion_supported
 from tagserve.models.base import WeightTarget
 from tagserve.models.heads import TokenClassifier
 from tagserve.models.registry import resolve_architecture
@@ -123,6 +124,8 @@ def build_model(model_config: ModelConfig) -> TokenClassifier:
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
     load_weights(model, iter_tensors(files))
+    model.enable_fusion(not model_config.enforce_eager
+                        and fusion_supported(model_config.device, model_config.dtype))
     return model.eval().requires_grad_(False)
 
 
