@@ -1,10 +1,11 @@
 """`AsyncEngine`: the synchronous `LLMEngine` behind an asyncio front door.
 
-One background thread owns the model. It loops: schedule the waiting requests into a batch
-under the token budget, run it (`LLMEngine.step`), and hand each finished request back to the
-event loop that submitted it. Tokenization and chat rendering run in a small thread pool (the
-Rust tokenizer releases the GIL), so the event loop never waits on the tokenizer or the model.
-Requests whose client has gone are marked cancelled and dropped before they run.
+One background thread owns the model. It loops on `LLMEngine.step` (which packs waiting
+requests into batches under the token budget and runs them) and hands each finished request
+back to the event loop that submitted it. Tokenization and chat rendering run in a small
+thread pool (the Rust tokenizer releases the GIL), so the event loop never waits on the
+tokenizer or the model. Requests whose client has gone are marked cancelled and dropped
+before they run.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class AsyncEngine:
         try:
             self.engine.scheduler.add_all(requests)
             self._wakeup.set()
+            if self.dead is not None:  # died after the check above: nobody will answer
+                raise EngineDeadError("The engine has stopped; restart the server.")
             results = await asyncio.gather(*futures.values())
         except BaseException:
             for request in requests:
@@ -154,18 +157,21 @@ class AsyncEngine:
             self.dead = exc
             self._fail_all(exc)
 
-    def _isolate_failures(self, batch: list[Request]) -> None:
-        """A failed batch is re-run one request at a time, so one bad request (or a batch too
-        large for the device) fails only itself."""
-        if len(batch) < 2 or any(r.error is None for r in batch):
-            return
-        for request in batch:
-            if request.cancelled:
+    def _isolate_failures(self, finished: list[Request]) -> None:
+        """Requests that failed together (one exception for the whole batch) are re-run one at
+        a time, so one bad request, or a batch too large for the device, fails only itself."""
+        batches: dict[int, list[Request]] = {}
+        for request in finished:
+            if request.error is not None and not request.cancelled:
+                batches.setdefault(id(request.error), []).append(request)
+        for batch in batches.values():
+            if len(batch) < 2:
                 continue
-            try:
-                request.result, request.error = self.engine.runner.run([request])[0], None
-            except Exception as exc:  # noqa: BLE001 - reported to this request only
-                request.error = exc
+            for request in batch:
+                try:
+                    request.result, request.error = self.engine.runner.run([request])[0], None
+                except Exception as exc:  # noqa: BLE001 - reported to this request only
+                    request.error = exc
 
     def _notify(self, batch: list[Request]) -> None:
         for listener in self._listeners:

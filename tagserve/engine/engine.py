@@ -10,8 +10,9 @@ from tagserve.engine.tokenizer import Tokenizer
 
 
 class LLMEngine:
-    """`step()` launches the next batch, then returns the requests of the batch before it:
-    one batch is always queued on the device while the host finishes the previous one."""
+    """On CUDA `step()` launches the next batch, then returns the requests of the batch before
+    it: one batch is always queued on the device while the host finishes the previous one. On
+    CPU launching is computing, so a step returns its own batch (no added latency)."""
 
     def __init__(self, config: TagserveConfig, tokenizer: Tokenizer | None,
                  runner: ModelRunner) -> None:
@@ -50,6 +51,9 @@ class LLMEngine:
                 failed = batch
         done = self._collect(self.in_flight) if self.in_flight is not None else []
         self.in_flight = launched
+        if launched is not None and not self.runner.pipelined:
+            done += self._collect(launched)
+            self.in_flight = None
         return done + failed
 
     def _collect(self, flight: InFlight) -> list[Request]:

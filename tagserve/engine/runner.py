@@ -62,6 +62,8 @@ class ModelRunner:
         self.pooler = pooler
         self.device = device
         self.use_varlen = varlen_supported(device, dtype)
+        # Overlapping batch i+1's launch with batch i's results pays only on an async device.
+        self.pipelined = device.type == "cuda"
 
     @torch.inference_mode()
     def launch(self, requests: list[Request]) -> InFlight:

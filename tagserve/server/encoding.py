@@ -70,7 +70,7 @@ _POW10 = 10.0 ** np.arange(-70, 71)  # _POW10[70 + k] = 10**k
 
 
 def _format_rows(values: np.ndarray) -> bytes:
-    """`[[v, ...], ...]` for a finite float32 matrix with at least one column."""
+    """`[v,...],` for every row of a finite float32 matrix: `cols * 16 + 2` bytes per row."""
     rows, cols = values.shape
     flat = values.astype(np.float64).ravel()
     magnitude = np.abs(flat)
@@ -93,19 +93,35 @@ def _format_rows(values: np.ndarray) -> bytes:
     framed = np.empty((rows, cols * 16 + 2), dtype=np.uint8)
     framed[:, 0] = ord("[")
     framed[:, 1:-1] = words.view(np.uint8).reshape(rows, cols * 16)
-    framed[:, -2] = ord("]")
+    framed[:, -2] = ord("]")  # replaces the last value's ","
     framed[:, -1] = ord(",")
-    return b"[" + framed.tobytes()[:-1] + b"]"
+    return framed.tobytes()
 
 
-def float_json(tensor: torch.Tensor) -> bytes:
-    """JSON array of the tensor's values: nested `[n][m]` for 2-D, flat for 1-D."""
-    values = tensor.detach().cpu().float().numpy()
-    if values.ndim not in (1, 2) or values.size == 0 or not np.isfinite(values).all():
-        return json.dumps(tensor.tolist(), separators=(",", ":")).encode()
-    if values.ndim == 1:
-        return _format_rows(values[None, :])[1:-1]
-    return _format_rows(values)
+def _json_fallback(tensor: torch.Tensor) -> bytes:
+    return json.dumps(tensor.tolist(), separators=(",", ":")).encode()
+
+
+def float_json(tensors: list[torch.Tensor]) -> list[bytes]:
+    """Each tensor as a JSON array: nested `[n][m]` for 2-D, flat for 1-D. All outputs are
+    formatted in one vectorized pass when they have the same number of columns."""
+    if any(t.ndim not in (1, 2) for t in tensors):
+        return [_json_fallback(t) for t in tensors]
+    arrays = [t.detach().cpu().float().numpy() for t in tensors]
+    arrays = [a if a.ndim == 2 else a[None, :] for a in arrays]
+    widths = {a.shape[1] for a in arrays}
+    stacked = np.concatenate(arrays) if len(widths) == 1 else None
+    if stacked is None or stacked.size == 0 or not np.isfinite(stacked).all():
+        return [_json_fallback(t) for t in tensors]
+    rows = _format_rows(stacked)
+    width = widths.pop() * 16 + 2
+    out, start = [], 0
+    for tensor, array in zip(tensors, arrays, strict=True):
+        end = start + array.shape[0] * width
+        text = rows[start:end - 1] if end > start else b""  # drop the trailing ","
+        out.append(b"[" + text + b"]" if tensor.ndim == 2 else text)
+        start = end
+    return out
 
 
 # ------------------------------------------------------------------------- responses
@@ -120,7 +136,7 @@ def pooling_response(outputs: list[torch.Tensor], info: ResponseInfo, encoding_f
         items = [json.dumps(base64.b64encode(tensor_bytes(t, embed_dtype, endianness))
                             .decode()).encode() for t in outputs]
     else:
-        items = [float_json(t) for t in outputs]
+        items = float_json(outputs)
     head = json.dumps({"id": info.id, "object": "list", "created": info.created,
                        "model": info.model}, separators=(",", ":"))[:-1].encode()
     data = b",".join(b'{"index":%d,"object":"pooling","data":%s}' % (i, item)

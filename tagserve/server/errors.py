@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tagserve.engine.async_engine import EngineDeadError
+from tagserve.engine.async_engine import EngineDeadError, ModelExecutionError
 from tagserve.errors import ModelNotFoundError, QueueFullError, ValidationError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (RequestTooLargeError, 413, "RequestTooLargeError"),
     (QueueFullError, 503, "ServiceUnavailableError"),
     (EngineDeadError, 500, "InternalServerError"),
+    (ModelExecutionError, 500, "InternalServerError"),
     (NotImplementedError, 501, "NotImplementedError"),
     (ValueError, 400, "BadRequestError"),
     (TypeError, 400, "BadRequestError"),

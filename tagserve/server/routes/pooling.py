@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 
@@ -19,6 +20,9 @@ from tagserve.server.routes.common import ERROR_RESPONSES, require_json
 from tagserve.server.state import ServerState, State
 
 router = APIRouter()
+
+# Larger responses are built in the thread pool (numpy releases the GIL), not on the event loop.
+INLINE_RESPONSE_TOKENS = 2048
 
 
 def resolve_task(requested: str | None, model_config: ModelConfig) -> str:
@@ -67,8 +71,9 @@ async def _pool(body: PoolingRequest, request: Request, state: ServerState) -> R
     state.metrics.prompt_tokens.inc(prompt_tokens)
     request_id = request.headers.get("x-request-id") or body.request_id or uuid.uuid4().hex
     info = ResponseInfo(f"pooling-{request_id}", int(time.time()), model, prompt_tokens)
-    return pooling_response(outputs, info, body.encoding_format, body.embed_dtype,
-                            body.endianness)
+    build = functools.partial(pooling_response, outputs, info, body.encoding_format,
+                              body.embed_dtype, body.endianness)
+    return build() if prompt_tokens <= INLINE_RESPONSE_TOKENS else await engine.run_in_pool(build)
 
 
 @router.post("/pooling", response_model=PoolingResponse, responses=ERROR_RESPONSES,
