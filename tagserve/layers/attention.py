@@ -3,9 +3,9 @@
 Two kernels, one interface (`packed_attention`):
 - CUDA: flash attention for variable-length sequences (`torch.nn.attention.varlen.varlen_attn`),
   no padding at all.
-- CPU (and CUDA without varlen flash): sequences are grouped by length; each group of equal
-  length runs as one dense SDPA call with no mask (or a causal/window mask), so there is no
-  padding and no block-diagonal waste.
+- CPU (and CUDA without varlen flash, or in float32): sequences are bucketed by length; each
+  bucket runs as one dense SDPA call, padded to its longest member (at most 12.5% padding) with
+  a key mask, so there is no block-diagonal waste and few kernel calls.
 
 A window is `(left, right)` as in flash attention: query i sees key j iff i-left <= j <= i+right,
 -1 meaning unbounded; `(-1, 0)` is causal.
@@ -32,12 +32,55 @@ except ImportError:  # torch < 2.9
     _VARLEN_PARAMS = set()
 
 
+# Sequences share a padded SDPA call when the shortest is within this share of the longest.
+_BUCKET_SLACK = 0.125
+
+
 @dataclass
 class LengthGroup:
-    """Sequences of one length, stored contiguously or not: `index [n, length]` into the batch."""
+    """Sequences of similar length run as one dense `[n, length]` SDPA call.
+
+    `index [n, length]` gathers their tokens from the batch (padding slots repeat a real token);
+    `key_mask [n, 1, 1, length]` hides padding keys (None when all lengths are equal);
+    `rows` picks the real tokens out of the flattened `[n * length]` output and `tokens` says
+    where they go in the batch (both None when there is no padding).
+    """
 
     length: int
     index: torch.Tensor
+    key_mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, starts: list[int], lens: list[int], device: torch.device) -> LengthGroup:
+        length = max(lens)
+        pos = torch.arange(length)
+        lens_t = torch.tensor(lens).unsqueeze(1)
+        valid = pos.unsqueeze(0) < lens_t
+        index = torch.tensor(starts).unsqueeze(1) + torch.minimum(pos.unsqueeze(0), lens_t - 1)
+        if bool(valid.all()):
+            return cls(length, index.to(device))
+        rows = valid.flatten().nonzero().squeeze(1)
+        return cls(length, index.to(device), valid[:, None, None, :].to(device), rows.to(device),
+                   index.flatten()[rows].to(device))
+
+
+def _length_groups(seq_lens: list[int], offsets: list[int],
+                   device: torch.device) -> list[LengthGroup]:
+    """Bucket sequences by length (longest first) so that padding stays under the slack."""
+    order = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])
+    groups: list[LengthGroup] = []
+    members: list[int] = []
+    for i in order:
+        if members and seq_lens[i] < seq_lens[members[0]] * (1 - _BUCKET_SLACK):
+            groups.append(LengthGroup.build([offsets[j] for j in members],
+                                            [seq_lens[j] for j in members], device))
+            members = []
+        members.append(i)
+    groups.append(LengthGroup.build([offsets[j] for j in members],
+                                    [seq_lens[j] for j in members], device))
+    return groups
 
 
 @dataclass
@@ -58,14 +101,7 @@ class AttentionMetadata:
         for n in seq_lens:
             offsets.append(offsets[-1] + n)
         cu = torch.tensor(offsets, dtype=torch.int32)
-        groups: list[LengthGroup] = []
-        if not use_varlen:
-            by_len: dict[int, list[int]] = {}
-            for i, n in enumerate(seq_lens):
-                by_len.setdefault(n, []).append(offsets[i])
-            for n, starts in by_len.items():
-                idx = torch.tensor(starts).unsqueeze(1) + torch.arange(n).unsqueeze(0)
-                groups.append(LengthGroup(n, idx.to(device, non_blocking=True)))
+        groups = [] if use_varlen else _length_groups(seq_lens, offsets, device)
         return cls(seq_lens, cu.to(device, non_blocking=True), max(seq_lens), use_varlen, groups)
 
     def mask(self, length: int, window: Window, device: torch.device) -> torch.Tensor | None:
@@ -104,9 +140,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         # [n, L, H, D] -> [n, H, L, D]
         qg, kg, vg = (t[group.index].transpose(1, 2) for t in (q, k, v))
         mask = meta.mask(group.length, window, q.device)
+        if group.key_mask is not None:
+            mask = group.key_mask if mask is None else group.key_mask & mask
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
-                                            enable_gqa=gqa)
-        out[group.index] = og.transpose(1, 2)
+                                            enable_gqa=gqa).transpose(1, 2)
+        if group.rows is None:
+            out[group.index] = og
+        else:
+            out[group.tokens] = og.reshape(-1, *og.shape[2:])[group.rows]
     return out
 
 
