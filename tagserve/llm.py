@@ -5,20 +5,25 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from tagserve.config import POOLING_TASKS, PoolerConfig, check_removed_task
 from tagserve.engine.engine import LLMEngine
 from tagserve.engine.factory import EngineArgs, create_engine
 from tagserve.engine.inputs import Prompt, TokenizeParams, normalize_prompts, tokenize_prompts
+from tagserve.engine.offline import progress_bar, run_requests
 from tagserve.engine.request import Request
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
 from tagserve.outputs import PoolingOutput, PoolingRequestOutput
 from tagserve.params import PoolingParams
+from tagserve.postprocess.documents import run_documents
+from tagserve.postprocess.ner import NerOptions, NerResult, run_ner
+from tagserve.postprocess.windows import cut_documents
 
 _TASK_REQUIRED = """pooling_task required for `LLM.encode`
 Please use one of the more specific methods or set the pooling_task when using `LLM.encode`:
@@ -29,8 +34,6 @@ Please use one of the more specific methods or set the pooling_task when using `
   - For token classification, use `pooling_task="token_classify"`
   - For multi-vector retrieval, use `pooling_task="token_embed\""""
 
-# Progress bars appear from this many prompts on.
-_TQDM_MIN_PROMPTS = 64
 # Prompts tokenized per call; the engine starts on the first chunk while the next is tokenized.
 _CHUNK = 2048
 
@@ -109,13 +112,70 @@ class LLM:
         with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
             pending = deque(pool.submit(self._make_requests, items, params, tokenize,
                                         request_ids, chunk) for chunk in chunks)
+            bar = progress_bar(use_tqdm, len(items), "Processed prompts")
             try:
-                requests = self._run(pending, len(items), use_tqdm)
+                requests = run_requests(self.llm_engine, pending,
+                                        None if bar is None else lambda d: bar.update(len(d)))
             finally:
                 for future in pending:
                     future.cancel()
+                if bar is not None:
+                    bar.close()
         return [PoolingRequestOutput(r.request_id, r.token_ids, PoolingOutput(r.result),
                                      offsets=r.offsets) for r in requests]
+
+    def ner(self, inputs: str | Sequence[str] | Sequence[Sequence[str]],
+            aggregation_strategy: str = "simple", ignore_labels: Sequence[str] = ("O",),
+            stride: int | None = None, is_split_into_words: bool = False, *,
+            delimiter: str = " ", window_merge: str = "entities",
+            threshold: float | None = None, labels: Sequence[str] | None = None,
+            bio: str | None = None, return_tokens: bool = False,
+            use_tqdm: bool | Callable[..., tqdm] = True) -> NerResult | list[NerResult]:
+        """Entities per input, as transformers' token-classification pipeline returns them
+        (one list for one input, a list of lists for a list); see README "Entities (NER)"."""
+        self._check_task("token_classify")
+        options = NerOptions.create(
+            aggregation_strategy=aggregation_strategy, ignore_labels=ignore_labels,
+            stride=stride, is_split_into_words=is_split_into_words, delimiter=delimiter,
+            window_merge=window_merge, threshold=threshold, labels=labels, bio=bio,
+            return_tokens=return_tokens)
+        return run_ner(self.llm_engine, inputs, options, self._request_counter, use_tqdm)
+
+    def encode_long(self, prompts: str | Sequence[str], pooling_params: PoolingParams | None = None,
+                    *, stride: int = 0, use_tqdm: bool | Callable[..., tqdm] = True,
+                    pooling_task: str = "token_classify") -> list[PoolingRequestOutput]:
+        """`encode` for texts of any length: each text is cut into windows of `max_model_len`
+        tokens overlapping by `stride`, every window runs as its own sequence, and the rows
+        come back for the whole document (as if encoded in one piece), each token's rows
+        averaged over its windows, weighted toward window centres."""
+        task = self._check_task(pooling_task)
+        mc = self.model_config
+        tokenizer = self.llm_engine.tokenizer
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValidationError("encode_long takes a text or a non-empty list of texts")
+        if tokenizer is None or mc.pooler_config.pooling_type == "STEP":
+            raise ValidationError("encode_long needs a tokenizer and per-token rows (no STEP)")
+        params = self._params(pooling_params, 1, task)[0]
+        window, specials = mc.max_model_len, tokenizer.num_special_tokens_to_add()
+        if not 0 <= stride < window - specials:
+            raise ValidationError(f"stride must be in [0, {window - specials})",
+                                  parameter="stride", value=stride)
+        ids = [str(next(self._request_counter)) for _ in texts]
+        bar = progress_bar(use_tqdm, len(texts), "Processed prompts")
+        try:
+            docs = run_documents(
+                self.llm_engine, texts,
+                lambda items: cut_documents(tokenizer, items, window, stride),
+                lambda done: [(d.whole, d.merge_rows()) for d in done], params,
+                self._request_counter, mc.hf_config.num_labels,
+                None if bar is None else bar.update)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [PoolingRequestOutput(i, whole.ids.tolist(), PoolingOutput(torch.from_numpy(rows)),
+                                     offsets=[tuple(o) for o in whole.offsets.tolist()])
+                for i, (whole, rows) in zip(ids, docs, strict=True)]
 
     def _make_requests(self, items: list[Prompt], params: list[PoolingParams],
                        tokenize: TokenizeParams, request_ids: list[str],
@@ -135,39 +195,13 @@ class LLM:
             raise ValueError(f"The lengths of prompts ({n}) and params ({len(pooling_params)}) "
                              "must be the same.")
         mc = self.model_config
-        out = []
+        verified: dict[int, PoolingParams] = {}  # the same object is verified once
         for p in pooling_params:
+            if id(p) in verified:
+                continue
             if p.task is not None and p.task != task:
                 raise ValueError(f"You cannot overwrite param.task={p.task!r} with "
                                  f"pooling_task={task!r}!")
-            out.append(p.verify(task, mc.pooler_config, mc.pooler_config.pooling_type == "STEP"))
-        return out
-
-    def _run(self, pending: deque[Future[list[Request]]], total: int,
-             use_tqdm: bool | Callable[..., tqdm]) -> list[Request]:
-        """Feed tokenized chunks to the engine as they come; results in input order."""
-        engine = self.llm_engine
-        results: list[Request] = []
-        bar = None
-        if use_tqdm and total >= _TQDM_MIN_PROMPTS:
-            factory = use_tqdm if callable(use_tqdm) else tqdm
-            bar = factory(total=total, desc="Processed prompts", unit="prompt")
-        try:
-            while pending or engine.has_unfinished_requests():
-                while pending and (pending[0].done() or len(engine.scheduler) == 0):
-                    chunk = pending.popleft().result()
-                    results += chunk
-                    # Similar lengths side by side: fewer attention groups on CPU.
-                    for request in sorted(chunk, key=lambda r: r.num_tokens):
-                        engine.add_request(request)
-                done = engine.step()
-                for request in done:
-                    if request.error is not None:
-                        raise request.error
-                if bar is not None:
-                    bar.update(len(done))
-        finally:
-            engine.abort_all()
-            if bar is not None:
-                bar.close()
-        return results
+            verified[id(p)] = p.verify(task, mc.pooler_config,
+                                       mc.pooler_config.pooling_type == "STEP")
+        return [verified[id(p)] for p in pooling_params]

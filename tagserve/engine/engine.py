@@ -34,6 +34,9 @@ class LLMEngine:
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)
 
+    def add_requests(self, requests: list[Request]) -> None:
+        self.scheduler.add_all(requests)
+
     def has_unfinished_requests(self) -> bool:
         return len(self.scheduler) > 0 or self.in_flight is not None
 

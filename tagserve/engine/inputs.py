@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
 
@@ -67,12 +69,17 @@ class TokenizeParams:
         return self.max_model_len if n == -1 else n
 
 
+def is_token_ids(seq: Sequence[Any]) -> bool:
+    """A sequence of integers (not bools); plain ints are checked on the fast path."""
+    return all(type(t) is int for t in seq) or all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq)
+
+
 def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     """vLLM's `prompt_to_seq`: a str, dict or non-empty list of ints is one prompt."""
     if isinstance(prompts, (str, dict, bytes)):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+    if isinstance(prompts, (list, tuple)) and prompts and is_token_ids(prompts):
         return [list(prompts)]
     if isinstance(prompts, (list, tuple)):
         return list(prompts)
@@ -92,8 +99,7 @@ def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
         raise ValidationError("A prompt dict needs 'prompt' or 'prompt_token_ids'")
     if isinstance(prompt, str):
         return prompt, None
-    if isinstance(prompt, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, (list, tuple)) and is_token_ids(prompt):
         return None, list(prompt)
     raise ValidationError(f"Unsupported prompt {type(prompt).__name__}: expected a string, a "
                           "list of token ids or a prompt dict")

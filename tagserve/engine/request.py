@@ -23,13 +23,11 @@ class Request:
     # The ids as an array, made where the request is made (often a tokenizer thread), so that
     # packing a batch is one concatenation.
     ids: np.ndarray = field(init=False, repr=False)
+    num_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.token_ids, dtype=np.int64)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+        self.num_tokens = len(self.token_ids)
 
     @property
     def finished(self) -> bool:

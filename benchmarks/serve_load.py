@@ -1,0 +1,201 @@
+"""Bounded loopback load against `tagserve serve`: a fixed number of `/pooling` requests.
+
+Workloads (issue 4):
+- W3: 16 texts of ~50 tokens per request at concurrency 256 -> tokens/s and latency percentiles;
+- W5: one ~32-token text per request, one request at a time -> latency p50/p99.
+
+The script starts the server itself on a free loopback port (unless `--url` is given), sends
+the requests from `--client-procs` processes and stops by itself. Example:
+
+    python benchmarks/serve_load.py --workload W3 --workload W5 --model W1 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import WORKLOADS, build_checkpoint, make_corpus, smoke_spec  # noqa: E402
+
+LOADS = {  # name: (texts per request, tokens per text, concurrency)
+    "W3": (16, 50, 256),
+    "W5": (1, 32, 1),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workload", action="append", choices=sorted(LOADS),
+                   help="repeatable; default W3 and W5")
+    p.add_argument("--model", default="W1",
+                   help="a checkpoint folder, or a benchmark workload name (built and cached)")
+    p.add_argument("--url", help="an already running server; otherwise one is started")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--requests", type=int, help="requests per workload (default: W3 2000, "
+                   "W5 300)")
+    p.add_argument("--concurrency", type=int, help="override the workload's concurrency")
+    p.add_argument("--client-procs", type=int, default=4, help="client processes for W3")
+    p.add_argument("--encoding-format", default="float", choices=("float", "base64"))
+    p.add_argument("--server-args", default="--max-num-batched-tokens 32768 --max-num-seqs 1024",
+                   help="extra flags for `tagserve serve`")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"))
+    p.add_argument("--smoke", action="store_true", help="tiny model and few requests (CI)")
+    p.add_argument("--out", type=Path, help="write results JSON here")
+    return p.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tagserve.cli", "serve", str(model), "--port", str(port),
+           "--device", args.device, "--served-model-name", "bench", *args.server_args.split()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in 300 s")
+
+
+async def _client(url: str, bodies: list[bytes],
+                  concurrency: int) -> tuple[list[float], int, float, float]:
+    """Send every body with at most `concurrency` in flight: latencies (s), tokens served and
+    the wall-clock start and end of the sending."""
+    import httpx
+
+    latencies: list[float] = []
+    tokens = 0
+    queue = iter(bodies)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        await client.get("/health")
+        begin = time.time()
+
+        async def worker() -> None:
+            nonlocal tokens
+            for body in queue:
+                start = time.perf_counter()
+                r = await client.post("/pooling", content=body,
+                                      headers={"Content-Type": "application/json"})
+                latencies.append(time.perf_counter() - start)
+                r.raise_for_status()
+                tokens += r.json()["usage"]["prompt_tokens"]
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, tokens, begin, time.time()
+
+
+def _client_proc(url: str, bodies: list[bytes], concurrency: int,
+                 out: mp.Queue) -> None:
+    out.put(asyncio.run(_client(url, bodies, concurrency)))
+
+
+def run_load(url: str, bodies: list[bytes], concurrency: int, procs: int) -> dict:
+    procs = max(1, min(procs, concurrency))
+    shares = [bodies[i::procs] for i in range(procs)]
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    ctx = mp.get_context("spawn")
+    workers = [ctx.Process(target=_client_proc, args=(url, share, max(1, concurrency // procs),
+                                                      queue)) for share in shares]
+    for w in workers:
+        w.start()
+    results = [queue.get() for _ in workers]
+    wall = max(r[3] for r in results) - min(r[2] for r in results)
+    for w in workers:
+        w.join()
+    lat = np.array([x for r in results for x in r[0]]) * 1e3
+    tokens = sum(r[1] for r in results)
+    return {"requests": len(lat), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "requests_per_s": len(lat) / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99)),
+            "concurrency": concurrency}
+
+
+def request_bodies(texts: list[str], per_request: int, n: int, fmt: str) -> list[bytes]:
+    bodies = []
+    for i in range(n):
+        start = (i * per_request) % max(1, len(texts) - per_request)
+        chunk = texts[start:start + per_request]
+        body = {"model": "bench", "input": chunk[0] if per_request == 1 else chunk,
+                "encoding_format": fmt}
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def main() -> None:
+    args = parse_args()
+    loads = args.workload or ["W3", "W5"]
+    if args.model in WORKLOADS:
+        spec = WORKLOADS[args.model]
+        spec = smoke_spec(spec) if args.smoke else spec
+        model = build_checkpoint(spec, args.cache)
+    else:
+        model = Path(args.model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    proc, url = (None, args.url) if args.url else start_server(model, args)
+    rows = []
+    try:
+        for name in loads:
+            per_request, tokens, concurrency = LOADS[name]
+            concurrency = args.concurrency or concurrency
+            n = args.requests or (2000 if name == "W3" else 300)
+            if args.smoke:
+                n, concurrency = min(n, 40), min(concurrency, 8)
+            corpus = make_corpus("short50", per_request * 64, tokenizer, 512)
+            words = [t.split() for t in corpus.texts]
+            texts = [" ".join(w[: max(1, int(len(w) * tokens / 50))]) for w in words]
+            bodies = request_bodies(texts, per_request, n, args.encoding_format)
+            run_load(url, bodies[: min(len(bodies), 2 * concurrency)], concurrency,
+                     args.client_procs)  # warm-up
+            result = run_load(url, bodies, concurrency, args.client_procs if concurrency > 1
+                              else 1)
+            rows.append({"workload": name, "texts_per_request": per_request,
+                         "tokens_per_text": tokens, **result})
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"# serve_load: {' '.join(sys.argv[1:])}\n")
+    print("| workload | texts/req | concurrency | requests | tokens/s | req/s | p50 ms | p90 ms "
+          "| p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['workload']} | {r['texts_per_request']} | {r['concurrency']} | "
+              f"{r['requests']} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:,.0f} | "
+              f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"argv": sys.argv, "pid": os.getpid(), "rows": rows},
+                                       indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The offline engine loop: feed tokenized chunks to the engine as they come, step to the end."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from tqdm.auto import tqdm
+
+from tagserve.engine.engine import LLMEngine
+from tagserve.engine.request import Request
+
+# Progress bars appear from this many items on.
+TQDM_MIN_ITEMS = 64
+
+
+def progress_bar(use_tqdm: bool | Callable[..., tqdm], total: int, desc: str) -> tqdm | None:
+    if not use_tqdm or total < TQDM_MIN_ITEMS:
+        return None
+    factory = use_tqdm if callable(use_tqdm) else tqdm
+    return factory(total=total, desc=desc, unit="prompt")
+
+
+def run_requests(engine: LLMEngine, pending: deque[Future[list[Request]]],
+                 on_done: Callable[[list[Request]], None] | None = None) -> list[Request]:
+    """Run every request of every chunk; all requests in chunk order. `on_done(requests)`
+    follows each engine step with the requests it finished (on CUDA the next batch is already
+    queued on the device then, so work done there overlaps the model). A failed request
+    raises its error; whatever is still queued is dropped."""
+    results: list[Request] = []
+    try:
+        while pending or engine.has_unfinished_requests():
+            while pending and (pending[0].done() or len(engine.scheduler) == 0):
+                chunk = pending.popleft().result()
+                results += chunk
+                # Similar lengths side by side: fewer attention groups on CPU.
+                engine.add_requests(sorted(chunk, key=lambda r: r.num_tokens))
+            done = engine.step()
+            for request in done:
+                if request.error is not None:
+                    raise request.error
+            if on_done is not None:
+                on_done(done)
+    finally:
+        engine.abort_all()
+    return results
