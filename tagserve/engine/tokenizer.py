@@ -7,10 +7,13 @@ tokenizer, without importing transformers.
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Encoding
 from tokenizers import Tokenizer as RustTokenizer
@@ -55,6 +58,8 @@ class Tokenizer:
         self.max_chars_per_token = max(
             (len(t) for t in self.rust.get_vocab(with_added_tokens=True)), default=1)
         self.chat_template = self._load_chat_template()
+        self._windowing: dict[tuple[int, int], RustTokenizer] = {}
+        self._windowing_lock = threading.Lock()
 
     def _load_chat_template(self) -> str | None:
         file = self.path / "chat_template.jinja"
@@ -96,6 +101,40 @@ class Tokenizer:
         budget = max_tokens - (self.num_special_tokens_to_add() if add_special_tokens else 0)
         encoding.truncate(max(budget, 0), direction=side)
         return self.rust.post_process(encoding, None, add_special_tokens)
+
+    def encode_windows(self, inputs: list[str] | list[list[str]], max_length: int, stride: int,
+                       is_pretokenized: bool = False) -> list[list[Encoding]]:
+        """Each input cut into windows of at most `max_length` tokens (special tokens included)
+        that overlap by `stride` tokens, as transformers' `return_overflowing_tokens=True`."""
+        key = (max_length, stride)
+        with self._windowing_lock:
+            if key not in self._windowing:
+                rust = RustTokenizer.from_str(self.rust.to_str())
+                rust.enable_truncation(max_length, stride=stride, direction="right")
+                self._windowing[key] = rust
+            rust = self._windowing[key]
+        encodings = rust.encode_batch(inputs, is_pretokenized=is_pretokenized,
+                                      add_special_tokens=True)
+        return [[e, *e.overflowing] for e in encodings]
+
+    @functools.cached_property
+    def vocab_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Token strings by id (an object array, `convert_ids_to_tokens` for many ids at once)
+        and their lengths."""
+        vocab = self.rust.get_vocab(with_added_tokens=True)
+        table = np.full(max(vocab.values(), default=-1) + 1, "", dtype=object)
+        table[list(vocab.values())] = list(vocab)
+        return table, np.fromiter(map(len, table), dtype=np.int64, count=len(table))
+
+    @property
+    def continuing_subword_prefix(self) -> str | None:
+        """The model's sub-word prefix (WordPiece "##"); None for BPE without one and Unigram."""
+        return getattr(self.rust.model, "continuing_subword_prefix", None) or None
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Join token strings with the tokenizer's decoder (transformers' fast-tokenizer rule)."""
+        decoder = self.rust.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.rust.encode(text, add_special_tokens=add_special_tokens).ids

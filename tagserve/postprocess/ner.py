@@ -1,0 +1,275 @@
+"""Named-entity recognition: texts (or words) in, entities with character offsets out.
+
+`Recognizer.prepare` tokenizes and cuts inputs into windows, the engine runs every window as
+its own sequence (raw logits), `Recognizer.finish` applies transformers' float32 softmax,
+merges windows and aggregates. `run_ner` drives the offline engine (`LLM.ner`); `ner_async`
+does the same through an `AsyncEngine` in one call, for an HTTP route.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tagserve.config import ModelConfig
+from tagserve.engine.engine import LLMEngine
+from tagserve.engine.inputs import TokenizedPrompt
+from tagserve.engine.offline import progress_bar
+from tagserve.engine.tokenizer import Tokenizer
+from tagserve.errors import ValidationError
+from tagserve.params import PoolingParams
+from tagserve.postprocess.documents import run_documents, windows_to_run
+from tagserve.postprocess.entities import BIO_MODES, STRATEGIES, Aggregator, Scored, softmax
+from tagserve.postprocess.windows import Document, cut_documents, merge_entities
+
+logger = logging.getLogger(__name__)
+
+WINDOW_MERGES = ("entities", "probabilities")
+Entities = list[dict[str, Any]]
+# Per input: its entities, or {"entities": ..., "tokens": ...} with `return_tokens`.
+NerResult = Entities | dict[str, list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class NerOptions:
+    """transformers' pipeline parameters, then tagserve's opt-in extras."""
+
+    aggregation_strategy: str = "simple"
+    ignore_labels: tuple[str, ...] = ("O",)
+    stride: int | None = None
+    is_split_into_words: bool = False
+    delimiter: str = " "
+    window_merge: str = "entities"
+    threshold: float | None = None
+    labels: tuple[str, ...] | None = None
+    bio: str | None = None
+    return_tokens: bool = False
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> NerOptions:
+        """Options from keyword arguments as users pass them (`None` means the default)."""
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        strategy = kwargs.pop("aggregation_strategy", "simple")
+        if not isinstance(strategy, str):  # transformers' AggregationStrategy enum
+            strategy = getattr(strategy, "value", strategy)
+        for key in ("ignore_labels", "labels"):
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = (kwargs[key],)
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"Unknown NER options: {unknown}")
+        return cls(aggregation_strategy=str(strategy).lower(), **kwargs)
+
+    def checked(self, max_length: int, specials: int) -> NerOptions:
+        if self.aggregation_strategy not in STRATEGIES:
+            raise ValidationError(f"aggregation_strategy must be one of {list(STRATEGIES)}",
+                                  parameter="aggregation_strategy",
+                                  value=self.aggregation_strategy)
+        if self.window_merge not in WINDOW_MERGES:
+            raise ValidationError(f"window_merge must be one of {list(WINDOW_MERGES)}",
+                                  parameter="window_merge", value=self.window_merge)
+        if self.bio not in BIO_MODES:
+            raise ValidationError(f"bio must be one of {list(BIO_MODES)}", parameter="bio",
+                                  value=self.bio)
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValidationError("threshold must be between 0 and 1", parameter="threshold",
+                                  value=self.threshold)
+        if self.stride is not None:
+            self._check_stride(max_length, specials)
+        return self
+
+    def _check_stride(self, max_length: int, specials: int) -> None:
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 0:
+            raise ValidationError("stride must be a non-negative integer", parameter="stride",
+                                  value=self.stride)
+        if self.stride >= max_length:  # transformers' message
+            raise ValidationError("`stride` must be less than `tokenizer.model_max_length` (or "
+                                  "even lower if the tokenizer adds special tokens)",
+                                  parameter="stride", value=self.stride)
+        if self.stride >= max_length - specials:
+            raise ValidationError(f"`stride` must be less than {max_length - specials}: "
+                                  f"windows hold {max_length} tokens, {specials} of them "
+                                  "special", parameter="stride", value=self.stride)
+        if self.aggregation_strategy == "none" and self.window_merge == "entities":
+            raise ValidationError(
+                "`stride` was provided to process all the text but `aggregation_strategy="
+                '"none"`, please select another one instead (or window_merge="probabilities").',
+                parameter="stride", value=self.stride)
+
+
+class Recognizer:
+    """One model's NER with one set of options: `prepare` inputs, run, `finish` documents."""
+
+    def __init__(self, tokenizer: Tokenizer, id2label: dict[int, str], max_length: int,
+                 options: NerOptions) -> None:
+        self.tokenizer = tokenizer
+        self.id2label = id2label
+        self.max_length = max_length
+        self.options = options.checked(max_length, tokenizer.num_special_tokens_to_add())
+        o = self.options
+        self.aggregator = Aggregator(tokenizer, id2label, o.aggregation_strategy,
+                                     o.ignore_labels, threshold=o.threshold, labels=o.labels,
+                                     bio=o.bio)
+
+    @classmethod
+    def for_model(cls, model_config: ModelConfig, tokenizer: Tokenizer | None,
+                  options: NerOptions) -> Recognizer:
+        if tokenizer is None:
+            raise ValidationError("NER needs the model's tokenizer (skip_tokenizer_init=False)")
+        if model_config.pooling_task != "token_classify" or \
+                model_config.pooler_config.pooling_type == "STEP":
+            raise ValidationError("NER needs a token-classification model (pooling task "
+                                  "token_classify, without STEP pooling)")
+        hf = model_config.hf_config
+        id2label = getattr(hf, "id2label", None) or {
+            i: f"LABEL_{i}" for i in range(hf.num_labels)}
+        max_length = min(model_config.max_model_len, tokenizer.model_max_length)
+        return cls(tokenizer, id2label, max_length, options)
+
+    @property
+    def width(self) -> int:
+        return len(self.id2label)
+
+    def inputs(self, inputs: Any) -> tuple[list[Any], bool]:
+        """The list of inputs, and whether one result (not a list) is returned: for a single
+        text. A single list of words gives a list of one result, as in transformers."""
+        words = self.options.is_split_into_words
+        one_word_list = words and isinstance(inputs, (list, tuple)) and bool(inputs) and all(
+            isinstance(w, str) for w in inputs)
+        items = [inputs] if isinstance(inputs, str) or one_word_list else inputs
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValidationError("At least one input is required.", parameter="inputs")
+        for item in items:
+            ok = (isinstance(item, (list, tuple)) and all(isinstance(w, str) for w in item)
+                  if words else isinstance(item, str))
+            if not ok:
+                raise ValidationError("When `is_split_into_words=True`, each input must be a "
+                                      "list of words" if words else "Each input must be a "
+                                      "string (or pass is_split_into_words=True for words)",
+                                      parameter="inputs")
+        return list(items), isinstance(inputs, str)
+
+    def prepare(self, items: list[Any]) -> list[Document]:
+        o = self.options
+        docs = cut_documents(self.tokenizer, items, self.max_length, o.stride,
+                             is_split_into_words=o.is_split_into_words, delimiter=o.delimiter)
+        truncated = sum(d.truncated for d in docs)
+        if truncated:
+            logger.warning("%d input(s) longer than %d tokens were truncated, as transformers' "
+                           "pipeline does; pass stride=... to cover whole documents.",
+                           truncated, self.max_length)
+        return docs
+
+    def finish(self, docs: list[Document]) -> list[NerResult]:
+        """Entities of documents whose `rows` (raw logits per window) are all in."""
+        rows = [r for d in docs for r in d.rows]
+        probs = np.split(softmax(np.concatenate(rows)), np.cumsum([len(r) for r in rows])[:-1])
+        merge_windows = self.options.window_merge == "entities"
+        seqs: list[Scored] = []
+        plans: list[tuple[range, int | None]] = []  # per doc: entity sequences, token sequence
+        at = 0
+        for doc in docs:
+            doc_probs, at = probs[at:at + len(doc.windows)], at + len(doc.windows)
+            first = len(seqs)
+            if len(doc.windows) > 1 and merge_windows:
+                seqs += [Scored(doc.text, w, p) for w, p in zip(doc.windows, doc_probs,
+                                                                strict=True)]
+                tokens = None
+                if self.options.return_tokens:
+                    tokens = len(seqs)
+                    seqs.append(Scored(doc.text, doc.whole, doc.merge_rows(doc_probs)))
+                plans.append((range(first, first + len(doc.windows)), tokens))
+            else:
+                seqs.append(Scored(doc.text, doc.whole, doc.merge_rows(doc_probs)))
+                plans.append((range(first, first + 1), first))
+        tagged = self.aggregator(seqs)
+        results: list[NerResult] = []
+        for entity_seqs, token_seq in plans:
+            entities = [e for s in entity_seqs for e in tagged[s].entities]
+            if len(entity_seqs) > 1:
+                entities = merge_entities(entities)
+            if not self.options.return_tokens:
+                results.append(entities)
+                continue
+            t = tagged[token_seq]
+            whole = seqs[token_seq].window
+            vocab = self.aggregator.vocab
+            names = self.aggregator.names
+            tokens = [{"index": i, "token": vocab[token_id], "start": start, "end": end,
+                       "label": names[label], "score": score}
+                      for i, token_id, start, end, label, score in zip(
+                          t.token_index.tolist(), whole.ids[t.token_index].tolist(),
+                          whole.offsets[t.token_index, 0].tolist(),
+                          whole.offsets[t.token_index, 1].tolist(), t.token_labels.tolist(),
+                          t.token_scores, strict=True)]
+            results.append({"entities": entities, "tokens": tokens})
+        return results
+
+
+def logits_params(model_config: ModelConfig) -> PoolingParams:
+    """Raw logits: the pipeline's softmax is applied in `finish`, whatever the model's head."""
+    return PoolingParams(use_activation=False).verify(
+        "token_classify", model_config.pooler_config, False)
+
+
+def run_ner(engine: LLMEngine, inputs: Any, options: NerOptions, request_ids: Iterator[int],
+            use_tqdm: bool | Callable[..., tqdm] = True) -> NerResult | list[NerResult]:
+    """Offline NER over the synchronous engine (what `LLM.ner` calls)."""
+    recognizer = Recognizer.for_model(engine.model_config, engine.tokenizer, options)
+    items, single = recognizer.inputs(inputs)
+    bar = progress_bar(use_tqdm, len(items), "Recognized entities")
+    try:
+        results = run_documents(engine, items, recognizer.prepare, recognizer.finish,
+                                logits_params(engine.model_config), request_ids,
+                                recognizer.width, None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results[0] if single else results
+
+
+class AsyncEngineLike(Protocol):
+    """What `ner_async` needs of `tagserve.engine.async_engine.AsyncEngine`."""
+
+    model_config: ModelConfig
+    tokenizer: Tokenizer | None
+
+    async def run_in_pool(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    async def encode(self, prompts: list[TokenizedPrompt],
+                     params: PoolingParams) -> list[torch.Tensor]: ...
+
+
+async def ner_async(engine: AsyncEngineLike, inputs: Any,
+                    options: NerOptions) -> NerResult | list[NerResult]:
+    """NER through the async engine: tokenization and post-processing in its thread pool, the
+    windows of all inputs in one `encode` call. Results as `run_ner`; see `jsonable`."""
+    recognizer = Recognizer.for_model(engine.model_config, engine.tokenizer, options)
+    items, single = recognizer.inputs(inputs)
+    docs = await engine.run_in_pool(recognizer.prepare, items)
+    todo = [(doc, k) for doc in docs for k in windows_to_run(doc, recognizer.width)]
+    if todo:
+        prompts = [TokenizedPrompt(doc.windows[k].ids.tolist(), None, None) for doc, k in todo]
+        rows = await engine.encode(prompts, logits_params(engine.model_config))
+        for (doc, k), row in zip(todo, rows, strict=True):
+            doc.rows[k] = row.numpy()
+    results = await engine.run_in_pool(recognizer.finish, docs)
+    return results[0] if single else results
+
+
+def jsonable(value: Any) -> Any:
+    """Results with numpy scalars (the pipeline's float32 scores) as Python numbers."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+

@@ -1,0 +1,162 @@
+"""Long documents: overlapping token windows, and the two ways to merge them back.
+
+A text longer than the model's window is cut into windows of `max_length` tokens that overlap
+by `stride` tokens (transformers' `return_overflowing_tokens`: each window gets the special
+tokens, the content advances by `max_length - specials - stride`). Windows are merged either
+as transformers' pipeline does, at entity level (`merge_entities`), or by averaging each token's
+rows over the windows that hold it, weighted toward window centres (`Document.merge_rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from tokenizers import Encoding
+
+from tagserve.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class Window:
+    """One model input: ids, char spans into the document's text, special-token flags."""
+
+    ids: np.ndarray  # [n] int64
+    offsets: np.ndarray  # [n, 2] int64
+    special: np.ndarray  # [n] bool
+    content: np.ndarray | None = None  # [n] bool: a token of the text, not of the template
+
+    @classmethod
+    def from_encoding(cls, encoding: Encoding, word_starts: np.ndarray | None,
+                      content: bool) -> Window:
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        if word_starts is not None and len(offsets):  # word input: spans are within each word
+            words = np.asarray(encoding.word_ids, dtype=np.float64)
+            known = ~np.isnan(words)
+            offsets[known] += word_starts[words[known].astype(np.int64)][:, None]
+        sequence = (~np.isnan(np.asarray(encoding.sequence_ids, dtype=np.float64))
+                    if content else None)
+        return cls(np.asarray(encoding.ids, dtype=np.int64), offsets,
+                   np.asarray(encoding.special_tokens_mask, dtype=bool), sequence)
+
+
+@dataclass
+class Document:
+    """One input: the text that offsets index and its windows, in order."""
+
+    text: str
+    windows: list[Window]
+    stride: int
+    truncated: bool = False  # windows after the first were dropped (no stride given)
+    rows: list[np.ndarray | None] = field(init=False, repr=False)  # engine output per window
+
+    def __post_init__(self) -> None:
+        self.rows = [None] * len(self.windows)
+
+    @property
+    def complete(self) -> bool:
+        return all(r is not None for r in self.rows)
+
+    @cached_property
+    def _layout(self) -> tuple[Window, list[np.ndarray]]:
+        """The document as one sequence (as if encoded without a length limit) and, per window,
+        the document row of each window row (-1: a template token of an inner window)."""
+        if len(self.windows) == 1:
+            window = self.windows[0]
+            return window, [np.arange(len(window.ids))]
+        contents = [np.flatnonzero(w.content) for w in self.windows]
+        prefix = contents[0][0]
+        suffix = len(self.windows[-1].ids) - 1 - contents[-1][-1]
+        starts = np.cumsum([0] + [len(c) - self.stride for c in contents[:-1]])
+        length = prefix + starts[-1] + len(contents[-1]) + suffix
+        positions = []
+        for k, (window, content) in enumerate(zip(self.windows, contents, strict=True)):
+            pos = np.full(len(window.ids), -1, dtype=np.int64)
+            pos[content] = prefix + starts[k] + np.arange(len(content))
+            if k == 0:
+                pos[:prefix] = np.arange(prefix)
+            if k == len(self.windows) - 1:
+                pos[content[-1] + 1:] = length - suffix + np.arange(suffix)
+            positions.append(pos)
+        merged = Window(np.empty(length, np.int64), np.empty((length, 2), np.int64),
+                        np.empty(length, bool))
+        for window, pos in zip(self.windows, positions, strict=True):
+            keep = pos >= 0
+            merged.ids[pos[keep]] = window.ids[keep]
+            merged.offsets[pos[keep]] = window.offsets[keep]
+            merged.special[pos[keep]] = window.special[keep]
+        return merged, positions
+
+    @property
+    def whole(self) -> Window:
+        return self._layout[0]
+
+    def merge_rows(self, rows: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """Each document token's rows averaged over the windows that hold it, weighted by
+        1 + its distance (in tokens) to the nearest edge where its window was cut."""
+        rows = self.rows if rows is None else rows
+        if len(self.windows) == 1:
+            return np.asarray(rows[0])
+        whole, positions = self._layout
+        width = rows[0].shape[1:]
+        total = np.zeros((len(whole.ids), *width), dtype=np.float64)
+        weight = np.zeros(len(whole.ids), dtype=np.float64)
+        last = len(self.windows) - 1
+        for k, (pos, row) in enumerate(zip(positions, rows, strict=True)):
+            keep = np.flatnonzero(pos >= 0)
+            j = np.arange(len(keep))
+            left = j if k > 0 else np.full_like(j, len(j))
+            right = len(j) - 1 - j if k < last else np.full_like(j, len(j))
+            w = 1.0 + np.minimum(left, right)
+            total[pos[keep]] += w.reshape(-1, *[1] * len(width)) * np.asarray(row)[keep]
+            weight[pos[keep]] += w
+        return (total / weight.reshape(-1, *[1] * len(width))).astype(np.float32)
+
+
+def cut_documents(tokenizer: Tokenizer, inputs: Sequence[str] | Sequence[Sequence[str]],
+                  max_length: int, stride: int | None, *, is_split_into_words: bool = False,
+                  delimiter: str = " ") -> list[Document]:
+    """Tokenize and cut every input. `stride=None` keeps the first window only (transformers'
+    truncation). Word input is joined with `delimiter`; offsets index that joined text."""
+    words = [list(x) for x in inputs] if is_split_into_words else None
+    encodings = tokenizer.encode_windows(words if words is not None else list(inputs),
+                                         max_length, stride or 0, is_split_into_words)
+    docs = []
+    for i, windows in enumerate(encodings):
+        truncated = stride is None and len(windows) > 1
+        if stride is None:
+            windows = windows[:1]
+        starts = None
+        text = inputs[i]
+        if words is not None:
+            lengths = np.fromiter(map(len, words[i]), dtype=np.int64, count=len(words[i]))
+            starts = np.cumsum(lengths + len(delimiter)) - lengths - len(delimiter)
+            text = delimiter.join(words[i])
+        docs.append(Document(text, [Window.from_encoding(e, starts, len(windows) > 1)
+                                    for e in windows], stride or 0, truncated))
+    return docs
+
+
+def merge_entities(entities: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """transformers' `aggregate_overlapping_entities`: sorted by start, an entity starting
+    inside the kept one replaces it when longer, or as long with a higher score."""
+    if not entities:
+        return entities
+    entities = sorted(entities, key=lambda e: e["start"])
+    merged = []
+    previous = entities[0]
+    for entity in entities:
+        if previous["start"] <= entity["start"] < previous["end"]:
+            length, previous_length = (entity["end"] - entity["start"],
+                                       previous["end"] - previous["start"])
+            if length > previous_length or (length == previous_length
+                                            and entity["score"] > previous["score"]):
+                previous = entity
+        else:
+            merged.append(previous)
+            previous = entity
+    merged.append(previous)
+    return merged
