@@ -1,4 +1,5 @@
-"""CUDA parity: flash varlen attention in float32 and bfloat16 against transformers (float32)."""
+"""bf16 and CUDA parity against transformers (float32): flash varlen attention and fused kernels
+on CUDA, AMX/AVX-512 bf16 on CPU."""
 
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ from tagserve import LLM, PoolerConfig, PoolingParams
 
 from checkpoints import FAMILIES, oracle_dir, sentences
 
-pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
-
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CPU_FAMILIES = ("bert", "xlmr", "modernbert", "qwen3", "mistral")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 CONVERTED = {"bert_model", "qwen3_causal", "llama_model"}
 RAW = PoolingParams(use_activation=False)
 
 
-def run(path, family: str, dtype: str, prompts: list[str]):
+def run(path, family: str, dtype: str, prompts: list[str], device: str):
     kwargs = {"convert": "classify", "pooler_config": PoolerConfig(task="token_classify")} \
         if family in CONVERTED else {}
-    llm = LLM(str(path), device="cuda", dtype=dtype, **kwargs)
+    llm = LLM(str(path), device=device, dtype=dtype, **kwargs)
     return llm.encode(prompts, RAW, pooling_task="token_classify")
 
 
@@ -29,24 +29,27 @@ def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float().cpu() - ref).abs().max() / ref.abs().max())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_float32_and_bfloat16(family, make_checkpoint):
+def test_float32_and_bfloat16(family, device, make_checkpoint):
     """fp32 matches transformers to 1e-4; bf16 is within 2e-2 of fp32 logits, or at least as
     close as transformers' own bf16 run, with the argmax agreeing on almost all tokens."""
+    if device == "cpu" and family not in CPU_FAMILIES:
+        pytest.skip("CPU bf16 runs on one checkpoint per architecture family")
     path = make_checkpoint(family)
     oracle = AutoModelForTokenClassification.from_pretrained(oracle_dir(path)).eval()
     oracle_bf16 = AutoModelForTokenClassification.from_pretrained(
-        oracle_dir(path), dtype=torch.bfloat16).cuda().eval()
+        oracle_dir(path), dtype=torch.bfloat16).to(device).eval()
     prompts = sentences(48, seed=11)
-    fp32 = run(path, family, "float32", prompts)
-    bf16 = run(path, family, "bfloat16", prompts)
+    fp32 = run(path, family, "float32", prompts, device)
+    bf16 = run(path, family, "bfloat16", prompts, device)
     ours = {"fp32": 0.0, "bf16": 0.0, "hf_bf16": 0.0}
     agree = hf_agree = total = 0
     for a, b in zip(fp32, bf16, strict=True):
         ids = torch.tensor([a.prompt_token_ids])
         with torch.no_grad():
             ref = oracle(input_ids=ids).logits[0]
-            ref_bf16 = oracle_bf16(input_ids=ids.cuda()).logits[0]
+            ref_bf16 = oracle_bf16(input_ids=ids.to(device)).logits[0]
         ours["fp32"] = max(ours["fp32"], max_rel_err(a.outputs.data, ref))
         ours["bf16"] = max(ours["bf16"], max_rel_err(b.outputs.data, ref))
         ours["hf_bf16"] = max(ours["hf_bf16"], max_rel_err(ref_bf16, ref))
@@ -54,7 +57,7 @@ def test_cuda_float32_and_bfloat16(family, make_checkpoint):
         agree += int((b.outputs.data.argmax(-1) == ref.argmax(-1)).sum())
         hf_agree += int((ref_bf16.argmax(-1).cpu() == ref.argmax(-1)).sum())
         total += ref.shape[0]
-    print(f"{family}: fp32 rel err {ours['fp32']:.2e}; bf16 rel err {ours['bf16']:.2e} "
+    print(f"{family} on {device}: fp32 rel err {ours['fp32']:.2e}; bf16 rel err {ours['bf16']:.2e} "
           f"(transformers bf16 {ours['hf_bf16']:.2e}); bf16 argmax agreement "
           f"{agree / total:.4f} (transformers bf16 {hf_agree / total:.4f}, {total} tokens)")
     assert ours["fp32"] < 1e-4
@@ -62,6 +65,8 @@ def test_cuda_float32_and_bfloat16(family, make_checkpoint):
     assert agree / total >= min(0.99, hf_agree / total - 0.005)
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("family", ["bert", "qwen3", "modernbert"])
 def test_fused_kernels_match_eager(family, make_checkpoint):
     """The fused CUDA path (compiled norms, GEMM-epilogue GELU) against eager bf16 and fp32."""
