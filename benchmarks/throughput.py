@@ -76,6 +76,7 @@ class Settings:
 
     device: torch.device
     dtype: torch.dtype
+    tagserve_dtype: torch.dtype
     workloads: list[WorkloadSpec]
     corpora: list[str]
     num_texts: int
@@ -129,6 +130,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-texts", type=int, help="texts for the fp32 accuracy checks")
     p.add_argument("--max-num-batched-tokens", type=int, help="passed to tagserve's LLM")
     p.add_argument("--max-num-seqs", type=int, help="passed to tagserve's LLM")
+    p.add_argument("--tagserve-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="tagserve's dtype (peers keep bf16 on cuda, fp32 on cpu); e.g. bfloat16 "
+                        "on CPUs with AMX or AVX-512 bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--vllm-venv", help="CPU only: a venv with vLLM's CPU build, run as a peer")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"),
@@ -158,8 +162,10 @@ def make_settings(args: argparse.Namespace, argv: Sequence[str]) -> Settings:
         value = getattr(args, name)
         return defaults[name] if value is None else value
 
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return Settings(
-        device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        device=device, dtype=dtype,
+        tagserve_dtype=getattr(torch, args.tagserve_dtype) if args.tagserve_dtype else dtype,
         workloads=specs, corpora=args.corpus or list(CORPORA), num_texts=pick("num_texts"),
         repeat=max(1, args.repeat), batch_sizes=pick("batch_sizes"),
         search_tokens=pick("search_tokens"), bucket_tokens=pick("bucket_tokens"),
@@ -343,8 +349,8 @@ def _tagserve_corpus(ts: TagserveSystem, st: Settings, corpus: Corpus, rec: Reco
 
 def measure_tagserve(st: Settings, ckpt: Path, corpora: dict[str, Corpus], rec: Recorder,
                      outs: dict[str, Outputs], logits: dict[str, list[np.ndarray]]) -> None:
-    log(f"tagserve ({str(st.dtype).removeprefix('torch.')} on {st.device.type})")
-    ts = TagserveSystem(ckpt, st, st.dtype)
+    log(f"tagserve ({str(st.tagserve_dtype).removeprefix('torch.')} on {st.device.type})")
+    ts = TagserveSystem(ckpt, st, st.tagserve_dtype)
     for corpus in corpora.values():
         _tagserve_corpus(ts, st, corpus, rec, outs, logits)
     del ts
