@@ -84,10 +84,10 @@ class Aggregator:
         shown = self.names if strategy == "none" else self.group_names
         wanted = set(ignore_labels)
         self.kept = np.array([name not in wanted for name in shown])
-        if labels is not None:
+        if labels is not None:  # the shown name; for "none" also the label's tag
             only = set(labels)
             self.kept &= np.array([a in only or b in only
-                                   for a, b in zip(self.names, self.group_names, strict=True)])
+                                   for a, b in zip(shown, self.group_names, strict=True)])
         self.scheme = BioScheme(self.names)
         self.vocab, self.token_lengths = tokenizer.vocab_table
         unk = tokenizer.unk_token_id
@@ -113,20 +113,20 @@ class Aggregator:
         seq_first[(np.cumsum(counts) - counts)[counts > 0]] = True
 
         # Units: tokens, or words for first/average/max.
-        if self.strategy in ("none", "simple"):
-            opens = np.ones(n, dtype=bool)
-            unit_probs = probs
-        else:
-            opens = seq_first | ~self._is_subword(seqs, seq_of, ids, offsets)
+        by_word = self.strategy not in ("none", "simple")
+        opens = (seq_first | ~self._is_subword(seqs, seq_of, ids, offsets) if by_word
+                 else np.ones(n, dtype=bool))
         starts = np.flatnonzero(opens)
         unit_of = np.cumsum(opens) - 1
-        if self.strategy not in ("none", "simple"):
-            unit_probs = self._word_probs(probs, starts, unit_of)
+        unit_probs = self._word_probs(probs, starts, unit_of) if by_word else probs
         unit_seq = seq_of[starts]
-        labels = self._decide(unit_probs, seq_first[starts])
-        scores = unit_probs[np.arange(len(starts)), labels]
+        scored = self._decide(unit_probs, seq_first[starts])
+        scores = unit_probs[np.arange(len(starts)), scored]
+        token_scores = probs[np.arange(n), scored[unit_of]]
+        # BIO repair renames labels (I-X -> B-X) but keeps the model's score for them.
+        labels = (self.scheme.repair(scored, seq_first[starts]) if self.bio == "repair"
+                  else scored)
         token_labels = labels[unit_of]
-        token_scores = probs[np.arange(n), token_labels]
 
         ends = np.append(starts[1:], n) - 1  # last token of each unit
         results: list[list[dict[str, Any]]] = [[] for _ in seqs]
@@ -157,11 +157,15 @@ class Aggregator:
             warnings.warn("Tokenizer does not support real words, using fallback heuristic",
                           UserWarning, stacklevel=3)
             # "No space in text[start - 1: start + 1]", for all texts at once: their code
-            # points joined with a NUL after each, so text[len(text)] is never a space.
-            joined = "\0".join([s.text for s in seqs]) + "\0"
-            codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
-            lengths = np.array([len(s.text) + 1 for s in seqs], dtype=np.int64)
-            at = (np.cumsum(lengths) - lengths)[seq_of] + start
+            # points joined with a NUL after each, so text[len(text)] is never a space. The
+            # windows of a document share its text: it is joined once.
+            texts: dict[int, tuple[int, str]] = {}
+            text_of = np.array([texts.setdefault(id(s.text), (len(texts), s.text))[0]
+                                for s in seqs], dtype=np.int64)
+            unique = [text for _, text in texts.values()]
+            codes = np.frombuffer(("\0".join(unique) + "\0").encode("utf-32-le"), np.uint32)
+            lengths = np.array([len(text) + 1 for text in unique], dtype=np.int64)
+            at = (np.cumsum(lengths) - lengths)[text_of[seq_of]] + start
             space = codes == ord(" ")
             sub = (start > 0) & ~space[np.maximum(at - 1, 0)] & ~space[at]
         return sub & (ids != self.unk_id)
@@ -180,12 +184,12 @@ class Aggregator:
         return probs[np.minimum.reduceat(candidates, starts)]
 
     def _decide(self, probs: np.ndarray, opens: np.ndarray) -> np.ndarray:
-        if self.bio == "viterbi":
-            bounds = np.append(np.flatnonzero(opens), len(probs))
-            return np.concatenate([self.scheme.viterbi(probs[a:b])
-                                   for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-        labels = probs.argmax(axis=1)
-        return self.scheme.repair(labels, opens) if self.bio == "repair" else labels
+        """Each unit's label: the argmax, or the best valid BIO path of its sequence."""
+        if self.bio != "viterbi":
+            return probs.argmax(axis=1)
+        bounds = np.append(np.flatnonzero(opens), len(probs))
+        return np.concatenate([self.scheme.viterbi(probs[a:b])
+                               for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
     def _passes(self, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         keep = self.kept[labels]

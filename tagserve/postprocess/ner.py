@@ -25,8 +25,15 @@ from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
 from tagserve.params import PoolingParams
 from tagserve.postprocess.documents import run_documents, windows_to_run
-from tagserve.postprocess.entities import BIO_MODES, STRATEGIES, Aggregator, Scored, softmax
-from tagserve.postprocess.windows import Document, cut_documents, merge_entities
+from tagserve.postprocess.entities import (
+    BIO_MODES,
+    STRATEGIES,
+    Aggregator,
+    Scored,
+    Tagged,
+    softmax,
+)
+from tagserve.postprocess.windows import Document, Window, cut_documents, merge_entities
 
 logger = logging.getLogger(__name__)
 
@@ -199,19 +206,20 @@ class Recognizer:
             if not self.options.return_tokens:
                 results.append(entities)
                 continue
-            t = tagged[token_seq]
-            whole = seqs[token_seq].window
-            vocab = self.aggregator.vocab
-            names = self.aggregator.names
-            tokens = [{"index": i, "token": vocab[token_id], "start": start, "end": end,
-                       "label": names[label], "score": score}
-                      for i, token_id, start, end, label, score in zip(
-                          t.token_index.tolist(), whole.ids[t.token_index].tolist(),
-                          whole.offsets[t.token_index, 0].tolist(),
-                          whole.offsets[t.token_index, 1].tolist(), t.token_labels.tolist(),
-                          t.token_scores, strict=True)]
+            tokens = self._tokens(seqs[token_seq].window, tagged[token_seq])
             results.append({"entities": entities, "tokens": tokens})
         return results
+
+    def _tokens(self, whole: Window, tagged: Tagged) -> list[dict[str, Any]]:
+        """`return_tokens`: each non-special token's string, span, label and its score."""
+        at = tagged.token_index
+        names, vocab = self.aggregator.names, self.aggregator.vocab
+        return [{"index": i, "token": vocab[token_id], "start": start, "end": end,
+                 "label": names[label], "score": score}
+                for i, token_id, start, end, label, score in zip(
+                    at.tolist(), whole.ids[at].tolist(), whole.offsets[at, 0].tolist(),
+                    whole.offsets[at, 1].tolist(), tagged.token_labels.tolist(),
+                    tagged.token_scores, strict=True)]
 
 
 def logits_params(model_config: ModelConfig) -> PoolingParams:

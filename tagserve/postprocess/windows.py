@@ -94,15 +94,20 @@ class Document:
     def whole(self) -> Window:
         return self._layout[0]
 
+    @property
+    def positions(self) -> list[np.ndarray]:
+        """Per window, the document row of each of its rows (-1: not in the document)."""
+        return self._layout[1]
+
     def merge_rows(self, rows: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """Each document token's rows averaged over the windows that hold it, weighted by
-        1 + its distance (in tokens) to the nearest edge where its window was cut."""
+        """Each document token's row (`[tokens, labels]`) averaged over the windows that hold
+        it, weighted by 1 + its distance (in tokens) to the nearest edge where its window was
+        cut; `rows` defaults to the engine's (`self.rows`)."""
         rows = self.rows if rows is None else rows
         if len(self.windows) == 1:
             return np.asarray(rows[0])
-        whole, positions = self._layout
-        width = rows[0].shape[1:]
-        total = np.zeros((len(whole.ids), *width), dtype=np.float64)
+        whole, positions = self.whole, self.positions
+        total = np.zeros((len(whole.ids), rows[0].shape[1]), dtype=np.float64)
         weight = np.zeros(len(whole.ids), dtype=np.float64)
         last = len(self.windows) - 1
         for k, (pos, row) in enumerate(zip(positions, rows, strict=True)):
@@ -111,10 +116,9 @@ class Document:
             left = j if k > 0 else np.full_like(j, len(j))
             right = len(j) - 1 - j if k < last else np.full_like(j, len(j))
             w = 1.0 + np.minimum(left, right)
-            total[pos[keep]] += w.reshape(-1, *[1] * len(width)) * np.asarray(row)[keep]
+            total[pos[keep]] += w[:, None] * np.asarray(row)[keep]
             weight[pos[keep]] += w
-        return (total / weight.reshape(-1, *[1] * len(width))).astype(np.float32)
-
+        return (total / weight[:, None]).astype(np.float32)
 
 def cut_documents(tokenizer: Tokenizer, inputs: Sequence[str] | Sequence[Sequence[str]],
                   max_length: int, stride: int | None, *, is_split_into_words: bool = False,
