@@ -1,24 +1,28 @@
-"""The `tagserve` command: `tagserve serve MODEL [flags]`.
+"""The `tagserve` command: `tagserve serve [MODEL] [flags]`, `tagserve ner [MODEL] TEXT`.
 
 Flags use vLLM's names and map 1:1 onto `EngineArgs` (engine) and `ServerSettings` (front
 door). A subcommand is an entry of `SUBCOMMANDS`: a function adding its flags and one running it.
+MODEL defaults to the model bundled with tagserve.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from tagserve import __version__
 from tagserve.config import DTYPES, PoolerConfig
 from tagserve.engine.factory import EngineArgs
 from tagserve.errors import ModelLoadError, ValidationError
+from tagserve.postprocess.entities import STRATEGIES
 from tagserve.server.settings import (
     DEFAULT_MAX_INPUTS_PER_REQUEST,
     DEFAULT_MAX_REQUEST_BODY_BYTES,
@@ -48,6 +52,26 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def bundled_model() -> Path:
+    """The model used when MODEL is omitted."""
+    try:
+        from tagserve.bundled import DEFAULT_MODEL
+    except ImportError as exc:
+        raise ModelLoadError("No MODEL given and this tagserve has no bundled model; pass "
+                             "MODEL.") from exc
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise ModelLoadError(f"No MODEL given and the bundled model is not installed "
+                             f"({DEFAULT_MODEL} has no config.json); pass MODEL.")
+    return DEFAULT_MODEL
+
+
+def _positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _json_or_text(text: str) -> Any:
     """`--pooler-config.use_activation false` -> False, `--pooler-config.task embed` -> 'embed'."""
     try:
@@ -60,7 +84,9 @@ def _json_or_text(text: str) -> Any:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="Checkpoint folder or Hugging Face hub id.")
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="Checkpoint folder or Hugging Face hub id (default: the bundled "
+                             "model, served as its folder name).")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="Address to bind (default: %(default)s).")
@@ -127,8 +153,9 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         if value is not None:
             pooler[field.name] = value
     return EngineArgs(
-        model=args.model, tokenizer=args.tokenizer, runner=args.runner, convert=args.convert,
-        dtype=args.dtype, max_model_len=args.max_model_len, pooler_config=pooler or None,
+        model=args.model or str(bundled_model()), tokenizer=args.tokenizer,
+        runner=args.runner, convert=args.convert, dtype=args.dtype,
+        max_model_len=args.max_model_len, pooler_config=pooler or None,
         hf_overrides=args.hf_overrides, trust_remote_code=args.trust_remote_code,
         seed=args.seed, device=args.device, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -138,8 +165,9 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
     keys = args.api_key or [os.environ[v] for v in API_KEY_ENV_VARS if os.environ.get(v)][:1]
-    return ServerSettings(served_model_names=args.served_model_name or [args.model],
-                          api_keys=keys, max_request_body_bytes=args.max_request_body_bytes,
+    names = args.served_model_name or [args.model or bundled_model().name]
+    return ServerSettings(served_model_names=names, api_keys=keys,
+                          max_request_body_bytes=args.max_request_body_bytes,
                           max_inputs_per_request=args.max_inputs_per_request)
 
 
@@ -152,15 +180,15 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.log_level == "trace"
                         else args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = server_settings(args)
     try:
+        settings = server_settings(args)
         engine = AsyncEngine.from_engine_args(engine_args(args))
     except (ValidationError, ModelLoadError) as exc:
-        logger.error("Cannot serve %s: %s", args.model, exc)
+        logger.error("Cannot serve %s: %s", args.model or "the bundled model", exc)
         return 1
     try:
         app = build_app(engine, settings)
-        logger.info("Serving %s as %s on http://%s:%d (API key %s)", args.model,
+        logger.info("Serving %s as %s on http://%s:%d (API key %s)", engine.model_config.model,
                     settings.served_model_names, args.host, args.port,
                     "required" if settings.api_keys else "not required")
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -169,9 +197,90 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- ner
+
+
+def add_ner_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="Checkpoint folder or hub id (default: the bundled model). With a "
+                             "single positional argument and no --input, that argument is TEXT.")
+    parser.add_argument("text", nargs="?", metavar="TEXT", help="One text to tag.")
+    corpus = parser.add_argument_group("corpus")
+    corpus.add_argument("--input", type=Path, metavar="IN.jsonl",
+                        help='Tag a corpus: one {"id": ..., "text": ...} per line (id defaults '
+                             "to the line number).")
+    corpus.add_argument("--output", type=Path, metavar="OUT.jsonl",
+                        help='With --input: {"id": ..., "entities": [...]} per line, appended; '
+                             "ids already there are skipped (resume).")
+    corpus.add_argument("--batch-size", type=_positive_int, default=256,
+                        help="Texts per engine call (default: %(default)s).")
+    ner = parser.add_argument_group("entities")
+    ner.add_argument("--aggregation-strategy", default="simple", choices=STRATEGIES,
+                     help="As transformers' pipeline (default: %(default)s).")
+    ner.add_argument("--threshold", type=float, help="Drop entities scoring below it.")
+    ner.add_argument("--labels", nargs="+", metavar="LABEL", help="Keep only these labels.")
+    ner.add_argument("--stride", type=int,
+                     help="Tag long texts whole, in windows overlapping by this many tokens "
+                          "(default: truncate them to one window).")
+    model = parser.add_argument_group("model")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    model.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                       help="Weights and activations (default: %(default)s).")
+
+
+def entity_table(text: str, entities: list[dict[str, Any]]) -> str:
+    """Entities as aligned columns: label, score, character span and the text there."""
+    if not entities:
+        return "(no entities)"
+    rows = [("label", "score", "span", "text")] + [
+        (e.get("entity_group", e.get("entity")), f"{e['score']:.3f}", f"{e['start']}-{e['end']}",
+         " ".join(text[e["start"]:e["end"]].split())) for e in entities]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:<{widths[2]}}  {d}"
+                     for a, b, c, d in rows)
+
+
+def run_ner_command(args: argparse.Namespace) -> int:
+    from tagserve.corpus import tag_corpus
+    from tagserve.engine.async_engine import AsyncEngine
+    from tagserve.postprocess.ner import NerOptions, jsonable, ner_async
+
+    model, text = args.model, args.text
+    if args.input is None and text is None:  # one positional argument: the text
+        model, text = None, model
+    if (args.input is None) == (text is None) or (args.input is None) != (args.output is None):
+        print("tagserve ner: give either TEXT, or --input IN.jsonl and --output OUT.jsonl",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = NerOptions.create(aggregation_strategy=args.aggregation_strategy,
+                                threshold=args.threshold, labels=args.labels, stride=args.stride)
+    try:
+        engine = AsyncEngine.from_engine_args(EngineArgs(
+            model=model or str(bundled_model()), device=args.device, dtype=args.dtype))
+    except (ValidationError, ModelLoadError) as exc:
+        logger.error("Cannot load %s: %s", model or "the bundled model", exc)
+        return 1
+    try:
+        if text is not None:
+            print(entity_table(text, jsonable(asyncio.run(ner_async(engine, text, options)))))
+        else:
+            stats = asyncio.run(tag_corpus(engine, options, args.input, args.output,
+                                           args.batch_size))
+            print(stats.summary())
+    except ValidationError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        engine.shutdown()
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "serve": Subcommand("Serve a model with vLLM's Pooling API (POST /pooling).",
                         add_serve_arguments, run_serve),
+    "ner": Subcommand("Print the entities of a text, or tag a JSONL corpus.",
+                      add_ner_arguments, run_ner_command),
 }
 
 

@@ -9,7 +9,7 @@ from tagserve.engine.async_engine import AsyncEngine
 from tagserve.server.errors import InternalErrorMiddleware, install_error_handlers
 from tagserve.server.metrics import ServerMetrics
 from tagserve.server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from tagserve.server.routes import health, models, pooling, tokenize
+from tagserve.server.routes import health, models, ner, page, pooling, tokenize
 from tagserve.server.settings import ServerSettings
 from tagserve.server.state import ServerState
 
@@ -19,7 +19,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="tagserve", version=__version__,
                   description="Token classification with vLLM's Pooling API.")
     app.state.tagserve = ServerState(engine, settings, ServerMetrics(engine))
-    for module in (pooling, tokenize, models, health):
+    for module in (pooling, ner, tokenize, models, health, page):
         app.include_router(module.router)
     install_error_handlers(app)
     # Added innermost first: metrics see every answer, including 401 and 413.

@@ -28,8 +28,10 @@ class ServerMetrics:
                                  "Time from request to response, by route", ["route"],
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.prompt_tokens = Counter("tagserve_prompt_tokens",
-                                     "Prompt tokens of successful pooling requests",
-                                     registry=self.registry)
+                                     "Prompt tokens of successful requests (every window "
+                                     "of /v1/ner and /v1/redact)", registry=self.registry)
+        self.entities = Counter("tagserve_entities", "Entities found, by route", ["route"],
+                                registry=self.registry)
         self.queue_depth = Gauge("tagserve_queue_depth",
                                  "Sequences waiting for a forward pass", registry=self.registry)
         self.queue_depth.set_function(lambda: engine.num_waiting)

@@ -16,8 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tagserve.server.errors import error_response
 from tagserve.server.metrics import ServerMetrics
 
-# Open without an API key: liveness probes and Prometheus scrapers carry no credentials.
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics"})
+# Open without an API key: liveness probes and Prometheus scrapers carry no credentials, and
+# the page at `/` with its assets holds no data (it sends the user's key to the JSON routes).
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/"})
+PUBLIC_PREFIXES = ("/static/",)
 
 
 class MetricsMiddleware:
@@ -49,7 +51,7 @@ class MetricsMiddleware:
 
 
 class AuthMiddleware:
-    """`Authorization: Bearer <key>` on every route but `PUBLIC_PATHS` (vLLM guards only
+    """`Authorization: Bearer <key>` on every route but the public ones (vLLM guards only
     `/v1/...`; tagserve guards `/pooling` and `/tokenize` too)."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
@@ -63,7 +65,8 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope["method"] == "OPTIONS"
-                or scope["path"] in PUBLIC_PATHS or self._authorized(scope)):
+                or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES)
+                or self._authorized(scope)):
             await self.app(scope, receive, send)
             return
         await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
