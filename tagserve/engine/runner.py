@@ -20,12 +20,18 @@ from tagserve.pooling import PooledRows, Pooler
 
 @dataclass
 class PackedBatch:
-    """All tokens of a batch in one row: `input_ids [T]`, `positions [T]`, lengths per sequence."""
+    """All tokens of a batch in one row: `input_ids`, `positions`, lengths per sequence.
+
+    Without flash varlen the rows follow the attention's padded bucket layout, and
+    `real_rows [T]` picks the real tokens (in packed order) out of the model's output.
+    `token_ids [T]` are the packed ids either way."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     seq_lens: list[int]
     attn: AttentionMetadata
+    token_ids: torch.Tensor
+    real_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -47,12 +53,20 @@ def pack(requests: list[Request], device: torch.device, use_varlen: bool) -> Pac
     ids = np.concatenate([r.ids for r in requests])
     lens = np.asarray(seq_lens)
     positions = np.arange(len(ids)) - np.repeat(np.cumsum(lens) - lens, lens)
-    host = [torch.from_numpy(a) for a in (ids, positions)]
+    attn = AttentionMetadata.build(seq_lens, device, use_varlen)
+    arrays = [ids, positions]
+    if attn.slots is not None:  # padding slots hold token 0 at position 0; their rows are dropped
+        arrays = [np.zeros(attn.num_slots, dtype=np.int64) for _ in arrays]
+        arrays[0][attn.slots], arrays[1][attn.slots] = ids, positions
+        arrays.append(attn.slots)
+    host = [torch.from_numpy(a) for a in arrays]
     if device.type == "cuda":
         host = [t.pin_memory() for t in host]
-    input_ids, pos = (t.to(device, non_blocking=True) for t in host)
-    attn = AttentionMetadata.build(seq_lens, device, use_varlen)
-    return PackedBatch(input_ids, pos, seq_lens, attn)
+    on_device = [t.to(device, non_blocking=True) for t in host]
+    if attn.slots is None:
+        return PackedBatch(on_device[0], on_device[1], seq_lens, attn, on_device[0])
+    token_ids = torch.from_numpy(ids).to(device)
+    return PackedBatch(on_device[0], on_device[1], seq_lens, attn, token_ids, on_device[2])
 
 
 class ModelRunner:
@@ -70,7 +84,9 @@ class ModelRunner:
         """Queue the forward pass and the pooling; start copying the rows to the host."""
         batch = pack(requests, self.device, self.use_varlen)
         logits = self.model(batch.input_ids, batch.positions, batch.attn)
-        pooled = self.pooler(logits, batch.seq_lens, batch.input_ids,
+        if batch.real_rows is not None:
+            logits = logits[batch.real_rows]
+        pooled = self.pooler(logits, batch.seq_lens, batch.token_ids,
                              [r.params for r in requests])
         if self.device.type != "cuda":
             return InFlight(requests, pooled, pooled.rows, None)

@@ -3,9 +3,10 @@
 Two kernels, one interface (`packed_attention`):
 - CUDA: flash attention for variable-length sequences (`torch.nn.attention.varlen.varlen_attn`),
   no padding at all.
-- CPU (and CUDA without varlen flash, or in float32): sequences are bucketed by length; each
-  bucket runs as one dense SDPA call, padded to its longest member (at most 12.5% padding) with
-  a key mask, so there is no block-diagonal waste and few kernel calls.
+- CPU (and CUDA without varlen flash, or in float32): the runner lays the batch out in length
+  buckets, each padded to its longest member (at most 12.5% padding), so every bucket is one
+  dense SDPA call on a view of the activations (a key mask hides the padding): no
+  block-diagonal waste, no per-layer gathers, few kernel calls.
 
 A window is `(left, right)` as in flash attention: query i sees key j iff i-left <= j <= i+right,
 -1 meaning unbounded; `(-1, 0)` is causal.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,60 +40,60 @@ _BUCKET_SLACK = 0.125
 
 @dataclass
 class LengthGroup:
-    """Sequences of similar length run as one dense `[n, length]` SDPA call.
+    """`n` sequences of similar length padded to `length`, stored as one contiguous block of
+    `n * length` token slots from `start`, so that every layer views it without a copy.
+    `key_mask [n, 1, 1, length]` hides padding keys (None when all lengths are equal)."""
 
-    `index [n, length]` gathers their tokens from the batch (padding slots repeat a real token);
-    `key_mask [n, 1, 1, length]` hides padding keys (None when all lengths are equal);
-    `rows` picks the real tokens out of the flattened `[n * length]` output and `tokens` says
-    where they go in the batch (both None when there is no padding).
-    """
-
+    start: int
+    n: int
     length: int
-    index: torch.Tensor
     key_mask: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
-    tokens: torch.Tensor | None = None
-
-    @classmethod
-    def build(cls, starts: list[int], lens: list[int], device: torch.device) -> LengthGroup:
-        length = max(lens)
-        pos = torch.arange(length)
-        lens_t = torch.tensor(lens).unsqueeze(1)
-        valid = pos.unsqueeze(0) < lens_t
-        index = torch.tensor(starts).unsqueeze(1) + torch.minimum(pos.unsqueeze(0), lens_t - 1)
-        if bool(valid.all()):
-            return cls(length, index.to(device))
-        rows = valid.flatten().nonzero().squeeze(1)
-        return cls(length, index.to(device), valid[:, None, None, :].to(device), rows.to(device),
-                   index.flatten()[rows].to(device))
 
 
-def _length_groups(seq_lens: list[int], offsets: list[int],
-                   device: torch.device) -> list[LengthGroup]:
-    """Bucket sequences by length (longest first) so that padding stays under the slack."""
-    order = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])
-    groups: list[LengthGroup] = []
+def padded_layout(seq_lens: list[int]) -> tuple[list[tuple[int, list[int]]], np.ndarray, int]:
+    """Bucket sequences by length (longest first, at most `_BUCKET_SLACK` padding per bucket).
+
+    Returns the buckets as `(start slot, member lengths)`, the slot of every packed token, and
+    the number of slots."""
+    lens = np.asarray(seq_lens)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    order = np.argsort(-lens, kind="stable")
+    buckets: list[tuple[int, list[int]]] = []
+    slots = np.empty(int(lens.sum()), dtype=np.int64)
     members: list[int] = []
+    start = 0
+
+    def close() -> None:
+        nonlocal start
+        width = int(lens[members[0]])
+        for k, i in enumerate(members):
+            slots[offsets[i]:offsets[i + 1]] = start + k * width + np.arange(lens[i])
+        buckets.append((start, [int(lens[i]) for i in members]))
+        start += width * len(members)
+
     for i in order:
-        if members and seq_lens[i] < seq_lens[members[0]] * (1 - _BUCKET_SLACK):
-            groups.append(LengthGroup.build([offsets[j] for j in members],
-                                            [seq_lens[j] for j in members], device))
+        if members and lens[i] < lens[members[0]] * (1 - _BUCKET_SLACK):
+            close()
             members = []
-        members.append(i)
-    groups.append(LengthGroup.build([offsets[j] for j in members],
-                                    [seq_lens[j] for j in members], device))
-    return groups
+        members.append(int(i))
+    close()
+    return buckets, slots, start
 
 
 @dataclass
 class AttentionMetadata:
-    """Where each sequence lives in the packed batch; built once per batch, shared by all layers."""
+    """Where each sequence lives in the batch; built once per batch, shared by all layers.
+
+    With flash varlen the batch is packed (`[T]` tokens). Otherwise it is laid out in padded
+    length buckets (`groups`), and `slots[t]` is where packed token t sits in that layout."""
 
     seq_lens: list[int]
     cu_seqlens: torch.Tensor  # [B+1] int32 on the model device
     max_seqlen: int
     use_varlen: bool
     groups: list[LengthGroup] = field(default_factory=list)
+    slots: np.ndarray | None = None
+    num_slots: int = 0
     _masks: dict[tuple[int, Window], torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
@@ -100,9 +102,19 @@ class AttentionMetadata:
         offsets = [0]
         for n in seq_lens:
             offsets.append(offsets[-1] + n)
-        cu = torch.tensor(offsets, dtype=torch.int32)
-        groups = [] if use_varlen else _length_groups(seq_lens, offsets, device)
-        return cls(seq_lens, cu.to(device, non_blocking=True), max(seq_lens), use_varlen, groups)
+        cu = torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
+        if use_varlen:
+            return cls(seq_lens, cu, max(seq_lens), True)
+        buckets, slots, num_slots = padded_layout(seq_lens)
+        groups = []
+        for start, lens in buckets:
+            width = lens[0]
+            mask = None
+            if lens[-1] != width:
+                valid = torch.arange(width).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+                mask = valid[:, None, None, :].to(device)
+            groups.append(LengthGroup(start, len(lens), width, mask))
+        return cls(seq_lens, cu, max(seq_lens), False, groups, slots, num_slots)
 
     def mask(self, length: int, window: Window, device: torch.device) -> torch.Tensor | None:
         """Boolean `[L, L]` mask (True = attend) for a window, or None when it allows everything."""
@@ -137,17 +149,16 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     for group in meta.groups:
-        # [n, L, H, D] -> [n, H, L, D]
-        qg, kg, vg = (t[group.index].transpose(1, 2) for t in (q, k, v))
+        rows = slice(group.start, group.start + group.n * group.length)
+        # [n * L, H, D] -> [n, H, L, D], views only
+        qg, kg, vg = (t[rows].view(group.n, group.length, *t.shape[1:]).transpose(1, 2)
+                      for t in (q, k, v))
         mask = meta.mask(group.length, window, q.device)
         if group.key_mask is not None:
             mask = group.key_mask if mask is None else group.key_mask & mask
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
-                                            enable_gqa=gqa).transpose(1, 2)
-        if group.rows is None:
-            out[group.index] = og
-        else:
-            out[group.tokens] = og.reshape(-1, *og.shape[2:])[group.rows]
+                                            enable_gqa=gqa)
+        out[rows].view(group.n, group.length, *q.shape[1:]).copy_(og.transpose(1, 2))
     return out
 
 
