@@ -214,3 +214,17 @@ def test_tokenizer_matches_hf(bert, hf_tokenizer):
     assert set(tok.all_special_tokens) == set(hf_tokenizer.all_special_tokens)
     assert tok.decode(ids, skip_special_tokens=True) == hf_tokenizer.decode(
         ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlmr"])
+def test_truncated_ids_and_offsets_match_hf(family, make_checkpoint):
+    """Content truncation keeps special tokens and the tokenizer's own offsets."""
+    path = make_checkpoint(family)
+    llm, hf = LLM(str(path), device="cpu"), AutoTokenizer.from_pretrained(path)
+    text = " ".join(sentences(20, seed=2))
+    for n in (3, 12, 40):
+        out = llm.encode(text, pooling_task="token_classify",
+                         tokenization_kwargs={"truncate_prompt_tokens": n})[0]
+        ref = hf(text, truncation=True, max_length=n, return_offsets_mapping=True)
+        assert out.prompt_token_ids == ref["input_ids"]
+        assert [tuple(o) for o in out.offsets] == [tuple(o) for o in ref["offset_mapping"]]

@@ -130,18 +130,19 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer: Tokenizer | None,
                     f"prompt contains {len(text)} characters (more than {limit} characters, "
                     f"which is the upper bound for {max_len} input tokens). Please reduce the "
                     "length of the input prompt.", parameter="input_text", value=len(text))
-    content_truncation = n is not None and params.truncation_side is None
-    encodings = iter(tokenizer.encode_batch(
-        texts, add_special_tokens=params.add_special_tokens and not content_truncation)
-        if texts else [])
     side = params.truncation_side or (tokenizer.truncation_side if tokenizer else "right")
+    if not texts:
+        encodings = iter([])
+    elif n is not None and params.truncation_side is None:  # HF truncates content, keeps specials
+        encodings = iter(tokenizer.encode_batch_truncated(texts, n, side,
+                                                          params.add_special_tokens))
+    else:
+        encodings = iter(tokenizer.encode_batch(texts, params.add_special_tokens))
     out: list[TokenizedPrompt] = []
     for text, ids in split:
         offsets = None
         if text is not None:
             enc = next(encodings)
-            if content_truncation:
-                enc = tokenizer.truncate(enc, n, side, params.add_special_tokens)
             ids, offsets = enc.ids, enc.offsets
         if n is not None and len(ids) > n:
             keep = slice(0, n) if side == "right" else slice(len(ids) - n, len(ids))

@@ -95,26 +95,33 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[Encoding]:
         return self.rust.encode_batch(texts, add_special_tokens=add_special_tokens)
 
-    def truncate(self, encoding: Encoding, max_tokens: int, side: str,
-                 add_special_tokens: bool) -> Encoding:
-        """Cut content (not special tokens) so that the result holds `max_tokens` tokens."""
-        budget = max_tokens - (self.num_special_tokens_to_add() if add_special_tokens else 0)
-        encoding.truncate(max(budget, 0), direction=side)
-        return self.rust.post_process(encoding, None, add_special_tokens)
+    def _truncating(self, max_length: int, stride: int, side: str) -> RustTokenizer:
+        """A cached copy of the tokenizer with truncation switched on (the shared one has none,
+        so concurrent callers never see each other's settings)."""
+        key = (max_length, stride, side)
+        with self._windowing_lock:
+            if key not in self._windowing:
+                rust = RustTokenizer.from_str(self.rust.to_str())
+                rust.enable_truncation(max_length, stride=stride, direction=side)
+                self._windowing[key] = rust
+            return self._windowing[key]
+
+    def encode_batch_truncated(self, texts: list[str], max_tokens: int, side: str,
+                               add_special_tokens: bool = True) -> list[Encoding]:
+        """Content truncated so that each result holds at most `max_tokens` tokens, special
+        tokens kept: transformers' `truncation=True, max_length=max_tokens`."""
+        specials = self.num_special_tokens_to_add() if add_special_tokens else 0
+        if max_tokens <= specials:  # no room for content: HF would fail; keep the first tokens
+            return self.encode_batch(texts, add_special_tokens)
+        return self._truncating(max_tokens, 0, side).encode_batch(
+            texts, add_special_tokens=add_special_tokens)
 
     def encode_windows(self, inputs: list[str] | list[list[str]], max_length: int, stride: int,
                        is_pretokenized: bool = False) -> list[list[Encoding]]:
         """Each input cut into windows of at most `max_length` tokens (special tokens included)
         that overlap by `stride` tokens, as transformers' `return_overflowing_tokens=True`."""
-        key = (max_length, stride)
-        with self._windowing_lock:
-            if key not in self._windowing:
-                rust = RustTokenizer.from_str(self.rust.to_str())
-                rust.enable_truncation(max_length, stride=stride, direction="right")
-                self._windowing[key] = rust
-            rust = self._windowing[key]
-        encodings = rust.encode_batch(inputs, is_pretokenized=is_pretokenized,
-                                      add_special_tokens=True)
+        encodings = self._truncating(max_length, stride, "right").encode_batch(
+            inputs, is_pretokenized=is_pretokenized, add_special_tokens=True)
         return [[e, *e.overflowing] for e in encodings]
 
     @functools.cached_property
