@@ -1,0 +1,360 @@
+"""Train tagserve's bundled PII tagger from scratch: data, tokenizer, model, evaluation, export.
+
+    python training/train_pii.py --out tagserve/bundled/pii-bert-small
+
+1. Generate a synthetic corpus (``data.Generator``, train templates, seed S) and a held-out set
+   (held-out templates, seed S + 1).
+2. Train a cased WordPiece tokenizer on the training texts.
+3. Train a BertForTokenClassification from scratch with a plain PyTorch loop (AdamW, linear
+   warmup and decay, length-bucketed batches, bf16 autocast). Every subword is labelled (B- on an
+   entity's first token, I- on the rest); [CLS]/[SEP] are O, padding is -100.
+4. Report entity-level F1 (seqeval, over token tags) on the held-out set and on the hand-written
+   natural sentences (``eval_natural.jsonl``), then save the model in fp16 with its tokenizer,
+   ``metrics.json`` and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers.trainers import WordPieceTrainer
+from transformers import BertConfig, BertForTokenClassification, BertTokenizerFast
+
+try:
+    from . import data as D
+except ImportError:
+    import data as D  # type: ignore[no-redef]
+
+HERE = Path(__file__).resolve().parent
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=HERE.parent / "tagserve/bundled/pii-bert-small")
+    p.add_argument("--train-size", type=int, default=140_000)
+    p.add_argument("--heldout-size", type=int, default=2_000)
+    p.add_argument("--natural", type=Path, default=HERE / "eval_natural.jsonl")
+    p.add_argument("--vocab-size", type=int, default=10_000)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.06, help="fraction of steps")
+    p.add_argument("--max-len", type=int, default=256, help="training truncation length")
+    p.add_argument("--doc-rate", type=float, default=0.04,
+                   help="share of training rows that are multi-sentence documents")
+    p.add_argument("--shift-rate", type=float, default=0.3,
+                   help="share of batches whose position ids get a random offset, so that "
+                        "all 512 position embeddings are trained")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 autocast (AMX on recent Xeons, tensor cores on GPUs) or fp32")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                   help="dtype of the saved weights")
+    p.add_argument("--log-every", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def describe_device(args: argparse.Namespace) -> str:
+    """'NVIDIA H200' or '<CPU model>, N thread(s)'."""
+    if args.device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor()}, {args.threads} thread(s)"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """Cased BERT WordPiece: BertNormalizer(lowercase=False), BertPreTokenizer, [CLS] $A [SEP]."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False,
+                                                clean_text=True, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    alphabet = [chr(c) for c in (*range(33, 127), *range(0xC0, 0x180)) if chr(c).isprintable()]
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
+                               continuing_subword_prefix="##", initial_alphabet=alphabet)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def hf_tokenizer(tok: Tokenizer, max_len: int) -> BertTokenizerFast:
+    return BertTokenizerFast(tokenizer_object=tok, do_lower_case=False, strip_accents=False,
+                             tokenize_chinese_chars=True, model_max_length=max_len,
+                             unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]")
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def encode_all(tok: Tokenizer, examples: Sequence[D.Example], max_len: int,
+               special: int = D.IGNORE) -> list[tuple[list[int], list[int]]]:
+    return [D.encode(tok, ex, max_len, special) for ex in examples]
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), D.IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, :len(row_ids)] = torch.tensor(row_ids)
+        labels[i, :len(row_labels)] = torch.tensor(row_labels)
+        mask[i, :len(row_ids)] = 1
+    return ids, mask, labels
+
+
+def batches(rows: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+            rng: random.Random) -> Iterator[Batch]:
+    """Shuffled batches of similar length: sort within chunks of 50 batches, shuffle batches."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    groups: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: len(rows[i][0]))
+        groups += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(groups)
+    for idx in groups:
+        yield collate([rows[i] for i in idx], pad_id)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, pad_id: int
+                ) -> BertForTokenClassification:
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
+        max_position_embeddings=512, type_vocab_size=2, pad_token_id=pad_id,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+        id2label=dict(enumerate(D.LABELS)), label2id=dict(D.LABEL2ID),
+    )
+    return BertForTokenClassification(config)
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, total_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without decay on biases/LayerNorm; linear warmup then linear decay to zero."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    warmup = max(1, int(args.warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def position_ids(shape: torch.Size, rng: random.Random, shift_rate: float,
+                 max_positions: int = 512) -> torch.Tensor:
+    """0..L-1, or with probability ``shift_rate`` offset by k in [0, max_positions - L]."""
+    width = shape[1]
+    offset = rng.randint(0, max_positions - width) if rng.random() < shift_rate else 0
+    return (torch.arange(width) + offset).expand(shape)
+
+
+def train(model: BertForTokenClassification, rows: Sequence[tuple[list[int], list[int]]],
+          args: argparse.Namespace, pad_id: int) -> None:
+    device = torch.device(args.device)
+    steps_per_epoch = math.ceil(len(rows) / args.batch_size)
+    total = int(steps_per_epoch * args.epochs)
+    optimizer, schedule = make_optimizer(model, args, total)
+    rng = random.Random(args.seed)
+    model.to(device).train()
+    step, start, tokens, running = 0, time.time(), 0, 0.0
+    while step < total:
+        for ids, mask, labels in batches(rows, args.batch_size, pad_id, rng):
+            positions = position_ids(ids.shape, rng, args.shift_rate)
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=args.precision == "bf16"):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels,
+                             position_ids=positions.to(device)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += int(mask.sum())
+            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            if step % args.log_every == 0 or step == total:
+                elapsed = time.time() - start
+                print(f"step {step}/{total} loss {running:.4f} lr {schedule.get_last_lr()[0]:.2e}"
+                      f" {tokens / elapsed:.0f} tok/s elapsed {elapsed / 60:.1f} min", flush=True)
+            if step >= total:
+                break
+    model.eval()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_tags(model: BertForTokenClassification, tok: Tokenizer,
+                 examples: Sequence[D.Example], max_len: int, batch_size: int = 64
+                 ) -> tuple[list[list[str]], list[list[str]]]:
+    """Gold and predicted BIO tags per example, over the non-special tokens."""
+    device = next(model.parameters()).device
+    rows = encode_all(tok, examples, max_len)
+    gold, pred = [], []
+    pad_id = tok.token_to_id("[PAD]")
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids, mask, labels = collate(chunk, pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        best = logits.argmax(-1).cpu()
+        for row_labels, row_best in zip(labels, best, strict=True):
+            keep = row_labels != D.IGNORE
+            gold.append([D.LABELS[i] for i in row_labels[keep].tolist()])
+            pred.append([D.LABELS[i] for i in row_best[keep].tolist()])
+    return gold, pred
+
+
+def evaluate(model: BertForTokenClassification, tok: Tokenizer, examples: Sequence[D.Example],
+             max_len: int, name: str) -> dict[str, object]:
+    gold, pred = predict_tags(model, tok, examples, max_len)
+    report = classification_report(gold, pred, digits=3, zero_division=0)
+    print(f"== {name}: {len(examples)} sentences\n{report}", flush=True)
+    per_type = classification_report(gold, pred, output_dict=True, zero_division=0)
+    return {
+        "sentences": len(examples),
+        "f1": round(f1_score(gold, pred), 4),
+        "precision": round(precision_score(gold, pred), 4),
+        "recall": round(recall_score(gold, pred), 4),
+        "per_type": {k: {m: round(float(v[m]), 4) for m in ("precision", "recall", "f1-score",
+                                                             "support")}
+                     for k, v in per_type.items() if k in D.ENTITY_TYPES},
+    }
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def save(model: BertForTokenClassification, tok: Tokenizer, args: argparse.Namespace,
+         metrics: dict[str, object]) -> None:
+    """fp16/bf16 safetensors + tokenizer + metrics.json + model card."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    model = model.to("cpu", dtype=dtype)
+    model.config.dtype = args.dtype
+    model.save_pretrained(args.out, safe_serialization=True)
+    hf_tokenizer(tok, 512).save_pretrained(args.out)
+    metrics["size_mb"] = round((args.out / "model.safetensors").stat().st_size / 2**20, 2)
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    card = (HERE / "model_card.md").read_text()
+    (args.out / "README.md").write_text(fill_card(card, metrics))
+
+
+def fill_card(card: str, metrics: dict) -> str:
+    """Replace ``{{key}}`` markers in the model card template with values from ``metrics``."""
+    def per_type_table(name: str) -> str:
+        rows = ["| entity | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for label, m in metrics[name]["per_type"].items():
+            rows.append(f"| {label} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                        f"{m['f1-score']:.3f} | {int(m['support'])} |")
+        return "\n".join(rows)
+
+    values = {
+        "command": metrics["command"], "train_minutes": f"{metrics['train_minutes']:.1f}",
+        "device": metrics["device"], "size_mb": f"{metrics['size_mb']:.1f}",
+        "params_m": f"{metrics['params_m']:.1f}",
+        "heldout_f1": f"{metrics['heldout']['f1']:.3f}",
+        "heldout_p": f"{metrics['heldout']['precision']:.3f}",
+        "heldout_r": f"{metrics['heldout']['recall']:.3f}",
+        "natural_f1": f"{metrics['natural']['f1']:.3f}",
+        "natural_p": f"{metrics['natural']['precision']:.3f}",
+        "natural_r": f"{metrics['natural']['recall']:.3f}",
+        "heldout_n": str(metrics["heldout"]["sentences"]),
+        "natural_n": str(metrics["natural"]["sentences"]),
+        "train_n": str(metrics["train_sentences"]),
+        "heldout_table": per_type_table("heldout"), "natural_table": per_type_table("natural"),
+    }
+    for key, value in values.items():
+        card = card.replace("{{" + key + "}}", value)
+    return card
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    t0 = time.time()
+    train_set = D.Generator("train", args.seed).take(args.train_size, args.doc_rate)
+    heldout = D.Generator("heldout", args.seed + 1).take(args.heldout_size)
+    natural = D.load_jsonl(args.natural)
+    D.check_spans(natural)
+    print(f"data: {len(train_set)} train, {len(heldout)} held-out, {len(natural)} natural "
+          f"({time.time() - t0:.0f} s)", flush=True)
+    tok = train_tokenizer([ex.text for ex in train_set] + D.common_text(), args.vocab_size)
+    pad_id = tok.token_to_id("[PAD]")
+    rows = encode_all(tok, train_set, args.max_len, special=D.LABEL2ID["O"])
+    print(f"tokenizer: {tok.get_vocab_size()} pieces; {sum(len(r[0]) for r in rows)} train "
+          f"tokens ({time.time() - t0:.0f} s)", flush=True)
+    model = build_model(args, tok.get_vocab_size(), pad_id)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {params / 1e6:.2f}M parameters", flush=True)
+    train(model, rows, args, pad_id)
+    train_minutes = (time.time() - t0) / 60
+    metrics: dict[str, object] = {
+        "command": " ".join(["python training/train_pii.py", *argv]),
+        "device": describe_device(args), "train_minutes": round(train_minutes, 2),
+        "params_m": round(params / 1e6, 2), "train_sentences": len(train_set),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "heldout": evaluate(model, tok, heldout, args.max_len, "held-out synthetic"),
+        "natural": evaluate(model, tok, natural, args.max_len, "natural sentences"),
+    }
+    save(model, tok, args, metrics)
+    print(f"saved to {args.out}; total {(time.time() - t0) / 60:.1f} min; "
+          f"held-out F1 {metrics['heldout']['f1']}, natural F1 {metrics['natural']['f1']}",
+          flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
