@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -48,6 +49,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heldout-size", type=int, default=2_000)
     p.add_argument("--natural", type=Path, default=HERE / "eval_natural.jsonl")
     p.add_argument("--vocab-size", type=int, default=10_000)
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="reuse this tokenizer.json instead of training one (the WordPiece "
+                        "trainer breaks ties in hash order, so only this reproduces a "
+                        "checkpoint bit for bit)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -331,7 +336,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     D.check_spans(natural)
     print(f"data: {len(train_set)} train, {len(heldout)} held-out, {len(natural)} natural "
           f"({time.time() - t0:.0f} s)", flush=True)
-    tok = train_tokenizer([ex.text for ex in train_set] + D.common_text(), args.vocab_size)
+    if args.tokenizer:
+        tok = Tokenizer.from_file(str(args.tokenizer))
+    else:
+        tok = train_tokenizer([ex.text for ex in train_set] + D.common_text(), args.vocab_size)
     pad_id = tok.token_to_id("[PAD]")
     rows = encode_all(tok, train_set, args.max_len, special=D.LABEL2ID["O"])
     print(f"tokenizer: {tok.get_vocab_size()} pieces; {sum(len(r[0]) for r in rows)} train "
@@ -356,5 +364,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     return metrics
 
 
+def pin_hash_seed() -> None:
+    """Some Faker providers draw from sets, whose order follows PYTHONHASHSEED: pin it to 0 by
+    re-executing the script, so that the same seed always gives the same data."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 if __name__ == "__main__":
+    pin_hash_seed()
     main()
