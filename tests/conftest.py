@@ -35,3 +35,16 @@ def make_checkpoint(checkpoint_root: Path) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def bert_path(make_checkpoint: Callable[..., Path]) -> Path:
+    return make_checkpoint("bert")
+
+
+@pytest.fixture(scope="module")
+def bert(bert_path: Path) -> Any:
+    """A tagserve `LLM` on the tiny BERT checkpoint (CPU), shared by a module's tests."""
+    from tagserve import LLM
+
+    return LLM(str(bert_path), device="cpu")

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from json_close import assert_json_close
 
 import tagserve.bundled
 from tagserve import LLM
 from tagserve.cli import build_parser, engine_args, main, server_settings
 from tagserve.postprocess.ner import jsonable
+
+from json_close import assert_json_close
 
 TEXT = "Alice moved to Paris in 1999 and met Bob in Zürich."
 TEXTS = ["Alice moved to Paris.", "Bob met Zoë in Zürich.", "Paris", "Did Bob pay €20?",

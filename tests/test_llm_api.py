@@ -14,16 +14,6 @@ RAW = PoolingParams(use_activation=False)
 
 
 @pytest.fixture(scope="module")
-def bert_path(make_checkpoint):
-    return make_checkpoint("bert")
-
-
-@pytest.fixture(scope="module")
-def bert(bert_path):
-    return LLM(str(bert_path), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def hf_tokenizer(bert_path):
     return AutoTokenizer.from_pretrained(bert_path)
 

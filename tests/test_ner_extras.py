@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-from ner_util import STRATEGIES, assert_same_entities, run_hf
 
 from tagserve import LLM
 from tagserve.engine.async_engine import AsyncEngine
@@ -18,21 +17,12 @@ from tagserve.postprocess.bio import BioScheme
 from tagserve.postprocess.ner import NerOptions, jsonable, ner_async
 
 from checkpoints import LABELS, sentences
+from ner_util import STRATEGIES, assert_same_entities, run_hf
 
 # Our sub-word heuristic warns as the pipeline does.
 pytestmark = pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")
 
 TEXTS = sentences(24, seed=31)
-
-
-@pytest.fixture(scope="module")
-def bert_path(make_checkpoint):
-    return make_checkpoint("bert")
-
-
-@pytest.fixture(scope="module")
-def bert(bert_path):
-    return LLM(str(bert_path), device="cpu")
 
 
 def is_valid_bio(labels: list[str]) -> bool:

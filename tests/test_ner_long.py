@@ -8,13 +8,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from ner_util import FAMILIES, assert_same_entities, in_order, run_hf
 
 from tagserve import LLM, PoolingParams
 from tagserve.errors import ValidationError
 from tagserve.postprocess.windows import Document, Window, cut_documents
 
 from checkpoints import MAX_LEN, sentences
+from ner_util import FAMILIES, assert_same_entities, in_order, run_hf
 
 # Our sub-word heuristic warns as the pipeline does.
 pytestmark = pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")

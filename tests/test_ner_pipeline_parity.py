@@ -4,11 +4,11 @@ strategy and the three tokenizer kinds (WordPiece, byte-level BPE, Unigram)."""
 from __future__ import annotations
 
 import pytest
-from ner_util import FAMILIES, STRATEGIES, assert_same_entities, run_hf
 
 from tagserve import LLM
 
 from checkpoints import sentences
+from ner_util import FAMILIES, STRATEGIES, assert_same_entities, run_hf
 
 # Our sub-word heuristic warns as the pipeline does.
 pytestmark = pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")

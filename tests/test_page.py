@@ -6,21 +6,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -30,7 +24,8 @@ from tagserve.server.app import build_app
 from tagserve.server.routes.page import STATIC_DIR
 from tagserve.server.settings import ServerSettings
 
-REPO = Path(__file__).parents[1]
+from server_util import REPO, serve_process
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 API_KEY = "page-test-key"
@@ -38,7 +33,6 @@ MODEL_NAME = "tiny-bert-ner"
 SENTENCE = "Alice Smith moved from Berlin to Paris in 1999 to work for Airbus."
 THRESHOLD = 0.5
 WINDOW = (1280, 900)
-STARTUP_TIMEOUT = 90.0
 WAIT = 30.0
 
 
@@ -153,43 +147,6 @@ def _auth() -> dict[str, str]:
 # ---- the page in headless Chromium, against `tagserve serve` ----------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serve(ckpt: Path, log: Path) -> Iterator[str]:
-    """`tagserve serve` with an API key on a free loopback port, until the block ends."""
-    port = _free_port()
-    env = {**os.environ, "TAGSERVE_API_KEY": "", "VLLM_API_KEY": ""}
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tagserve.cli", "serve", str(ckpt), "--port", str(port),
-             "--log-level", "warning", "--api-key", API_KEY,
-             "--served-model-name", MODEL_NAME],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            assert process.poll() is None, f"server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory) -> Iterator[Any]:
     """Headless Chromium through chromedriver; skips when either (or selenium) is missing."""
@@ -241,7 +198,8 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
     def text_of(element_id: str) -> str:
         return find(By.ID, element_id).get_property("textContent")
 
-    with _serve(ckpt, tmp_path / "server.log") as url:
+    with serve_process(ckpt, tmp_path / "server.log", "--api-key", API_KEY,
+                       "--served-model-name", MODEL_NAME) as url:
         driver.get(f"{url}/")
         assert driver.title == "tagserve"
         wait.until(lambda _: text_of("model-name") == "(API key needed)")

@@ -22,6 +22,8 @@ from tagserve.server.app import build_app
 from tagserve.server.encoding import EMBED_DTYPES, float_json
 from tagserve.server.settings import ServerSettings
 
+from server_util import assert_error, error_of
+
 GOLDEN = Path(__file__).parents[2] / "shared" / "golden"
 MAX_MODEL_LEN = 512
 TEXTS = ["Alice moved to Paris in 1999.", "Did Bob pay €20 for the café in Zürich?!", "Paris"]
@@ -80,13 +82,6 @@ def assert_rows(items: list[dict], expected: list[torch.Tensor]) -> None:
     assert [item["index"] for item in items] == list(range(len(expected)))
     for item, reference in zip(items, expected, strict=True):
         torch.testing.assert_close(torch.tensor(item["data"]), reference, atol=1e-5, rtol=1e-5)
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["code"] == response.status_code
-    return body["error"]
 
 
 # --------------------------------------------------------------------------- input forms
@@ -287,11 +282,7 @@ LONG_TEXT = "Alice moved to Paris. " * 150
     ({"model": "bert"}, 400, "Bad Request", "body.input", "'type': 'missing'"),
 ])
 def test_error_paths(client, body, status, err_type, param, message):
-    response = client.post("/pooling", json=body)
-    error = error_of(response)
-    assert (response.status_code, error["type"], error["param"]) == (status, err_type, param)
-    assert message in error["message"]
-    assert "Traceback" not in error["message"] and "/tagserve/" not in error["message"]
+    assert_error(client.post("/pooling", json=body), status, err_type, param, message)
 
 
 def test_bad_input_is_never_a_500(client):

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from json_close import assert_json_close
 
 from tagserve import LLM
 from tagserve.engine.async_engine import AsyncEngine
@@ -23,6 +22,9 @@ from tagserve.postprocess.redact import redact
 from tagserve.server.app import build_app
 from tagserve.server.ner_protocol import NerResponse, RedactResponse
 from tagserve.server.settings import ServerSettings
+
+from json_close import assert_json_close
+from server_util import assert_error, error_of
 
 TEXTS = ["Alice moved to Paris in 1999.", "Did Bob pay €20 for the café in Zürich?!", "Paris"]
 WORDS = [["Alice", "moved", "to", "Paris"], ["Bob", "met", "Zoë", "in", "Zürich", "."]]
@@ -71,13 +73,6 @@ def entities_of(body: dict) -> list[Any]:
     """`data` as `LLM.ner` returns a list of inputs: entities, or entities and tokens."""
     return [{"entities": d["entities"], "tokens": d["tokens"]} if "tokens" in d
             else d["entities"] for d in body["data"]]
-
-
-def error_of(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["code"] == response.status_code
-    return body["error"]
 
 
 def token_count(llm: LLM, texts: list[str]) -> int:
@@ -180,11 +175,7 @@ def test_ner_long_texts_match_offline(client, llm, options):
     ({"model": "bert"}, 400, "Bad Request", "body.input", "'type': 'missing'"),
 ])
 def test_ner_error_paths(client, body, status, err_type, param, message):
-    response = client.post("/v1/ner", json=body)
-    error = error_of(response)
-    assert (response.status_code, error["type"], error["param"]) == (status, err_type, param)
-    assert message in error["message"]
-    assert "Traceback" not in error["message"] and "/tagserve/" not in error["message"]
+    assert_error(client.post("/v1/ner", json=body), status, err_type, param, message)
 
 
 def test_bad_input_is_never_a_500(client):

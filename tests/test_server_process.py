@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +21,9 @@ import torch
 from tagserve import LLM, PoolingParams
 
 from checkpoints import sentences
+from server_util import REPO, serve_process
 
-REPO = Path(__file__).parents[1]
-STARTUP_TIMEOUT = 90.0
 SLOW_QUEUE = 1500  # --max-waiting-requests of the one-sequence-per-pass server
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,40 +31,9 @@ def ckpt(make_checkpoint) -> Path:
     return make_checkpoint("bert")
 
 
-@contextlib.contextmanager
-def _serve(ckpt: Path, log: Path, *flags: str) -> Iterator[str]:
-    """Run `tagserve serve` until the block ends; its log is shown if it fails to start."""
-    port = _free_port()
-    env = {**os.environ, "TAGSERVE_API_KEY": "", "VLLM_API_KEY": ""}
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tagserve.cli", "serve", str(ckpt), "--port", str(port),
-             "--log-level", "warning", *flags], stdout=out, stderr=subprocess.STDOUT, env=env,
-            cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            assert process.poll() is None, f"server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory) -> Iterator[str]:
-    with _serve(ckpt, tmp_path_factory.mktemp("server") / "server.log",
+    with serve_process(ckpt, tmp_path_factory.mktemp("server") / "server.log",
                 "--pooler-config.task", "token_classify", "--max-num-seqs", "64") as url:
         yield url
 
@@ -82,7 +41,7 @@ def server(ckpt, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def slow_server(ckpt, tmp_path_factory) -> Iterator[str]:
     """One sequence per forward pass, so that a long request keeps the queue full for a while."""
-    with _serve(ckpt, tmp_path_factory.mktemp("slow") / "server.log", "--max-num-seqs", "1",
+    with serve_process(ckpt, tmp_path_factory.mktemp("slow") / "server.log", "--max-num-seqs", "1",
                 "--max-waiting-requests", str(SLOW_QUEUE)) as url:
         yield url
 

@@ -1,0 +1,71 @@
+"""Helpers shared by the server tests: a real `tagserve serve` process and vLLM's error shape."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).parents[1]
+STARTUP_TIMEOUT = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(ckpt: Path, log: Path, *flags: str) -> Iterator[str]:
+    """Run `tagserve serve` on a free loopback port until the block ends; yields its URL.
+    Its log is shown if it fails to start."""
+    port = free_port()
+    env = {**os.environ, "TAGSERVE_API_KEY": "", "VLLM_API_KEY": ""}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tagserve.cli", "serve", str(ckpt), "--port", str(port),
+             "--log-level", "warning", *flags], stdout=out, stderr=subprocess.STDOUT, env=env,
+            cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            assert process.poll() is None, f"server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The `error` object of a vLLM-shaped error body, checked for its keys and code."""
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == response.status_code
+    return body["error"]
+
+
+def assert_error(response: httpx.Response, status: int, err_type: str, param: str | None,
+                 message: str) -> None:
+    """Status, type and param as given, `message` in the text, no traceback or path leaked."""
+    error = error_of(response)
+    assert (response.status_code, error["type"], error["param"]) == (status, err_type, param)
+    assert message in error["message"]
+    assert "Traceback" not in error["message"] and "/tagserve/" not in error["message"]
