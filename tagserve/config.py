@@ -172,7 +172,6 @@ class ModelConfig:
     pooler_config: PoolerConfig
     trust_remote_code: bool = False
     load_format: str = "auto"
-    is_causal: bool = False
     enforce_eager: bool = False
 
     @property

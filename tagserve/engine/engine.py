@@ -31,9 +31,6 @@ class LLMEngine:
     def model_config(self) -> ModelConfig:
         return self.config.model_config
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add(request)
-
     def add_requests(self, requests: list[Request]) -> None:
         self.scheduler.add_all(requests)
 

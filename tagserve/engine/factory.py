@@ -121,14 +121,14 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         supported_tasks=resolved.supported_tasks,
         pooling_task=_served_task(resolved, pooler, hf_config.get("architectures") or []),
         pooler_config=pooler, trust_remote_code=args.trust_remote_code,
-        load_format=args.load_format, is_causal=resolved.family.causal,
+        load_format=args.load_format,
         enforce_eager=args.enforce_eager)
     default_tokens = 16384 if device.type == "cuda" else 8192
     scheduler_config = SchedulerConfig(
         max_num_batched_tokens=max(args.max_num_batched_tokens or default_tokens,
                                    model_config.max_model_len),
         max_num_seqs=args.max_num_seqs, max_waiting_requests=args.max_waiting_requests)
-    model = build_model(model_config)
+    model = build_model(model_config, resolved.family)
     runner = ModelRunner(model, Pooler(hf_config, pooler, model_config.pooling_task), device,
                          model_config.dtype)
     logger.info("Loaded %s (%s, %s on %s, task %s, max_model_len %d) in %.1fs", args.model,

@@ -28,7 +28,3 @@ class Request:
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.token_ids, dtype=np.int64)
         self.num_tokens = len(self.token_ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.result is not None or self.error is not None

@@ -22,9 +22,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
 
-    def add(self, request: Request) -> None:
-        self.add_all([request])
-
     def add_all(self, requests: list[Request]) -> None:
         """Queue all of `requests` or, when that would pass the limit, none of them."""
         limit = self.config.max_waiting_requests

@@ -15,7 +15,7 @@ from tagserve.errors import ModelLoadError
 from tagserve.layers.fused import fusion_supported
 from tagserve.models.base import WeightTarget
 from tagserve.models.heads import TokenClassifier
-from tagserve.models.registry import resolve_architecture
+from tagserve.models.registry import Family
 
 HEAD_NAMES = ("classifier", "score")
 PICKLE_HINT = ("Unpickling can run arbitrary code, so tagserve refuses it by default. Convert the "
@@ -100,11 +100,10 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def build_model(model_config: ModelConfig) -> TokenClassifier:
-    """Construct the model on the target device in the target dtype and load its weights."""
+def build_model(model_config: ModelConfig, family: Family) -> TokenClassifier:
+    """Construct the model of `family` (see `models.registry`) on the target device in the
+    target dtype and load its weights."""
     cfg = model_config.hf_config
-    resolved = resolve_architecture(cfg, convert=model_config.convert,
-                                    trust_remote_code=model_config.trust_remote_code)
     files = weight_files(model_config.model_path, model_config.load_format)
     names = tensor_names(files)
     head_name = next((h for h in HEAD_NAMES if f"{h}.weight" in names), None)
@@ -113,7 +112,6 @@ def build_model(model_config: ModelConfig) -> TokenClassifier:
             f"Missing weights: the checkpoint has no token-classification head "
             f"({' or '.join(h + '.weight' for h in HEAD_NAMES)}); a bare backbone cannot be "
             "run as a token classifier.")
-    family = resolved.family
     with torch.device("meta"), _default_dtype(model_config.dtype):
         backbone = family.backbone(cfg)
         pre_head = family.pre_head(cfg) if family.pre_head else None
