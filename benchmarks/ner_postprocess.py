@@ -33,11 +33,13 @@ def parse_args() -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workload", default="W4a", choices=sorted(WORKLOADS))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", help="tagserve's dtype, e.g. bfloat16 on cuda")
     p.add_argument("--num-texts", type=int, default=1000)
     p.add_argument("--corpus", default="mixed", choices=("mixed", "short50"))
     p.add_argument("--long", type=int, default=1,
                    help="join this many corpus texts into one document (needs --stride)")
     p.add_argument("--stride", type=int, help="window overlap for long documents")
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     p.add_argument("--hf-texts", type=int, default=200,
                    help="texts for the transformers post-processing reference (0: skip)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -120,7 +122,7 @@ def main() -> int:
                          AutoTokenizer.from_pretrained(str(ckpt)), spec.max_len)
     texts = [" ".join(corpus.texts[i:i + args.long])
              for i in range(0, len(corpus.texts), args.long)]
-    llm = LLM(str(ckpt), device=args.device)
+    llm = LLM(str(ckpt), device=args.device, dtype=args.dtype)
     tokenizer = llm.get_tokenizer()
     windows = [w for doc in Recognizer.for_model(llm.model_config, tokenizer, _options(
         "simple", args.stride)).prepare(texts) for w in doc.windows]
@@ -130,11 +132,11 @@ def main() -> int:
     model_s, _ = best_of(2, lambda: llm.encode(ids, raw, pooling_task="token_classify",
                                                use_tqdm=False))
     tokens = sum(map(len, ids))
-    print(f"{spec.name} ({spec.description}), {args.device}, {len(texts)} texts, "
+    print(f"{spec.name} ({spec.description}), {args.device} {args.dtype}, {len(texts)} texts, "
           f"{len(ids)} windows, {tokens} tokens; model alone (token ids in, logits out): "
           f"{model_s:.3f}s\n")
     rows = []
-    for strategy in STRATEGIES:
+    for strategy in args.strategies:
         if strategy == "none" and args.stride is not None:
             continue
         prepare, finish = Timed(Recognizer, "prepare"), Timed(Recognizer, "finish")

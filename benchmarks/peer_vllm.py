@@ -30,8 +30,9 @@ def vllm_python(venv: str | None) -> Path | None:
 
 
 def run_vllm(python: Path, checkpoint: Path, corpora: dict[str, dict[str, Any]], repeat: int,
-             timeout: float = 3600, log: Callable[[str], None] = print) -> dict[str, Any] | None:
-    """Time vLLM CPU on `corpora` ({name: {"texts": [...], "token_ids": [...]}}); returns
+             dtype: str = "float32", timeout: float = 3600,
+             log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Time vLLM CPU in `dtype` on `corpora` ({name: {"texts": [...], "token_ids": [...]}}); returns
     {name: {"e2e_seconds", "model_seconds", "argmax"}} or None when vLLM fails."""
     cores = os.cpu_count() or 1
     env = {**os.environ,
@@ -39,7 +40,8 @@ def run_vllm(python: Path, checkpoint: Path, corpora: dict[str, dict[str, Any]],
                                                        f"0-{cores - 1}"),
            "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"checkpoint": str(checkpoint), "repeat": repeat, "corpora": corpora}, f)
+        json.dump({"checkpoint": str(checkpoint), "repeat": repeat, "dtype": dtype,
+                   "corpora": corpora}, f)
         request = f.name
     try:
         proc = subprocess.run([str(python), __file__, request], capture_output=True, text=True,
@@ -74,7 +76,7 @@ def _child(request_file: str) -> None:
     from vllm import LLM  # only in the vLLM venv
 
     request = json.loads(Path(request_file).read_text())
-    llm = LLM(model=request["checkpoint"], runner="pooling", dtype="float32",
+    llm = LLM(model=request["checkpoint"], runner="pooling", dtype=request["dtype"],
               gpu_memory_utilization=0.3)
 
     def encode(prompts: list[Any]) -> list[Any]:

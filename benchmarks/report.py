@@ -217,7 +217,7 @@ def write_results(out: Path, *, command: str, machine: dict[str, Any], peak: flo
     """Write results.md, results.json and (`with_plot`) throughput_buckets.png under `out`;
     return the table. `complete=False` marks a run still in progress."""
     out.mkdir(parents=True, exist_ok=True)
-    dtype = str(settings.get("dtype", "")).removeprefix("torch.")
+    dtype = str(settings.get("ceiling_dtype", "")).removeprefix("torch.")
     table = markdown(command, machine, peak, dtype, results, elapsed)
     if not complete:
         table = table.replace("\n", "\n\n**Partial: the run is still in progress.**\n", 1)

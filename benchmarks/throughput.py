@@ -131,8 +131,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, help="passed to tagserve's LLM")
     p.add_argument("--max-num-seqs", type=int, help="passed to tagserve's LLM")
     p.add_argument("--tagserve-dtype", choices=("float32", "bfloat16", "float16"),
-                   help="tagserve's dtype (peers keep bf16 on cuda, fp32 on cpu); e.g. bfloat16 "
-                        "on CPUs with AMX or AVX-512 bf16")
+                   help="tagserve's and vLLM's dtype (transformers keeps bf16 on cuda, fp32 on "
+                        "cpu); e.g. bfloat16 on CPUs with AMX or AVX-512 bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--vllm-venv", help="CPU only: a venv with vLLM's CPU build, run as a peer")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"),
@@ -423,9 +423,11 @@ def measure_transformers(st: Settings, ckpt: Path, corpora: dict[str, Corpus], r
 
 def measure_vllm(st: Settings, ckpt: Path, corpora: dict[str, Corpus], rec: Recorder,
                  outs: dict[str, Outputs]) -> None:
-    log("vLLM CPU (subprocess)")
+    # vLLM has a bf16 CPU path too, so it runs in tagserve's dtype: same precision, same work.
+    dtype = str(st.tagserve_dtype).removeprefix("torch.")
+    log(f"vLLM CPU ({dtype}, subprocess)")
     payload = {k: {"texts": c.texts, "token_ids": c.token_ids} for k, c in corpora.items()}
-    result = run_vllm(st.vllm_python, ckpt, payload, st.repeat, log=log)
+    result = run_vllm(st.vllm_python, ckpt, payload, st.repeat, dtype, log=log)
     if result is None:
         return
     for kind, corpus in corpora.items():
@@ -496,12 +498,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     sys.path.insert(0, str(REPO))  # import tagserve from this checkout
     machine = machine_info(st.device, REPO)
-    peak = peak_matmul_flops(st.device, st.dtype, st.matmul_size,
+    # MFU is against the faster of the run's dtypes (bf16 when tagserve runs bf16 on a CPU).
+    ceiling_dtype = st.tagserve_dtype if st.tagserve_dtype.itemsize < 4 else st.dtype
+    peak = peak_matmul_flops(st.device, ceiling_dtype, st.matmul_size,
                              min_seconds=0.3 if st.smoke else 1.0)
-    log(f"matmul ceiling: {peak / 1e12:.2f} TFLOP/s ({str(st.dtype).removeprefix('torch.')}, "
-        f"{st.matmul_size}^3)")
+    log(f"matmul ceiling: {peak / 1e12:.2f} TFLOP/s "
+        f"({str(ceiling_dtype).removeprefix('torch.')}, {st.matmul_size}^3)")
     settings = {k: str(v) if isinstance(v, Path | torch.device | torch.dtype) else v
                 for k, v in asdict(st).items() if k not in ("workloads",)}
+    settings["ceiling_dtype"] = str(ceiling_dtype)
     results: list[WorkloadResult] = []
     done: list[str] = []
 

@@ -20,10 +20,12 @@ from tagserve.config import (
     resolve_device,
     resolve_dtype,
 )
+from tagserve.engine.cuda_graphs import CudaGraphs
 from tagserve.engine.engine import LLMEngine
 from tagserve.engine.runner import ModelRunner
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ModelLoadError, ValidationError
+from tagserve.layers.attention import varlen_supported
 from tagserve.models.bert import BertModel, max_positions
 from tagserve.models.loader import build_model, resolve_model_path
 from tagserve.models.registry import (
@@ -129,8 +131,13 @@ def create_engine(args: EngineArgs) -> LLMEngine:
                                    model_config.max_model_len),
         max_num_seqs=args.max_num_seqs, max_waiting_requests=args.max_waiting_requests)
     model = build_model(model_config, resolved.family)
+    graphs = None
+    if varlen_supported(device, model_config.dtype) and not args.enforce_eager:
+        graphs = CudaGraphs(model, device, scheduler_config.max_num_batched_tokens,
+                            scheduler_config.max_num_seqs, model_config.max_model_len)
+        graphs.capture()
     runner = ModelRunner(model, Pooler(hf_config, pooler, model_config.pooling_task), device,
-                         model_config.dtype)
+                         model_config.dtype, graphs)
     logger.info("Loaded %s (%s, %s on %s, task %s, max_model_len %d) in %.1fs", args.model,
                 resolved.name, model_config.dtype, device, model_config.pooling_task,
                 model_config.max_model_len, time.perf_counter() - start)

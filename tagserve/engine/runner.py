@@ -7,13 +7,15 @@ the GPU never waits for Python.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from tagserve.engine.cuda_graphs import CapturedForward, CudaGraphs
 from tagserve.engine.request import Request
-from tagserve.layers.attention import AttentionMetadata, varlen_supported
+from tagserve.engine.staging import PinnedPool
+from tagserve.layers.attention import AttentionMetadata, padded_layout, varlen_supported
 from tagserve.models.heads import TokenClassifier
 from tagserve.pooling import PooledRows, Pooler
 
@@ -24,14 +26,16 @@ class PackedBatch:
 
     Without flash varlen the rows follow the attention's padded bucket layout, and
     `real_rows [T]` picks the real tokens (in packed order) out of the model's output.
-    `token_ids [T]` are the packed ids either way."""
+    `token_ids [T]` are the packed ids either way. `staging`: pinned buffers the batch's
+    host-to-device copy reads from (CUDA), free for reuse once the batch has run."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     seq_lens: list[int]
-    attn: AttentionMetadata
+    attn: AttentionMetadata | None  # None when a CUDA graph runs the batch
     token_ids: torch.Tensor
     real_rows: torch.Tensor | None = None
+    staging: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -46,62 +50,100 @@ class InFlight:
     pooled: PooledRows
     host_rows: torch.Tensor
     done: torch.cuda.Event | None
+    staging: list[torch.Tensor] = field(default_factory=list)
 
 
-def pack(requests: list[Request], device: torch.device, use_varlen: bool) -> PackedBatch:
+def upload(arrays: list[np.ndarray], device: torch.device, pool: PinnedPool,
+           into: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The int64 host arrays, concatenated, on the device: on CUDA one copy through a pinned
+    buffer (into `into` when given), on CPU no copy. Also returns the pinned buffers used."""
+    if device.type != "cuda":
+        return torch.from_numpy(np.concatenate(arrays)), []
+    buffer, host = pool.acquire(sum(len(a) for a in arrays), torch.int64)
+    np.concatenate(arrays, out=host.numpy())
+    if into is None:
+        return host.to(device, non_blocking=True), [buffer]
+    return into.copy_(host, non_blocking=True), [buffer]
+
+
+def pack(requests: list[Request], device: torch.device, use_varlen: bool, pool: PinnedPool,
+         graph: CapturedForward | None = None) -> PackedBatch:
+    """The batch's tensors on the device: packed for flash varlen, laid out in padded length
+    buckets otherwise, or written into a CUDA graph's static inputs."""
     seq_lens = [r.num_tokens for r in requests]
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    ends = np.cumsum(lens)
     ids = np.concatenate([r.ids for r in requests])
-    lens = np.asarray(seq_lens)
-    positions = np.arange(len(ids)) - np.repeat(np.cumsum(lens) - lens, lens)
-    attn = AttentionMetadata.build(seq_lens, device, use_varlen)
-    arrays = [ids, positions]
-    if attn.slots is not None:  # padding slots hold token 0 at position 0; their rows are dropped
-        arrays = [np.zeros(attn.num_slots, dtype=np.int64) for _ in arrays]
-        arrays[0][attn.slots], arrays[1][attn.slots] = ids, positions
-        arrays.append(attn.slots)
-    host = [torch.from_numpy(a) for a in arrays]
-    if device.type == "cuda":
-        host = [t.pin_memory() for t in host]
-    on_device = [t.to(device, non_blocking=True) for t in host]
-    if attn.slots is None:
-        return PackedBatch(on_device[0], on_device[1], seq_lens, attn, on_device[0])
-    token_ids = torch.from_numpy(ids).to(device)
-    return PackedBatch(on_device[0], on_device[1], seq_lens, attn, token_ids, on_device[2])
+    positions = np.arange(len(ids)) - np.repeat(ends - lens, lens)
+    n = len(ids)
+    if graph is not None:
+        inputs, staging = upload(graph.host_inputs(ids, positions, ends), device, pool,
+                                 into=graph.inputs)
+        t = graph.num_tokens
+        return PackedBatch(inputs[:n], inputs[t:t + n], seq_lens, None, inputs[:n],
+                           staging=staging)
+    cu_seqlens = np.concatenate([[0], ends])
+    if use_varlen:
+        flat, staging = upload([ids, positions, cu_seqlens], device, pool)
+        input_ids, pos, cu = flat.split([n, n, len(cu_seqlens)])
+        attn = AttentionMetadata.build(seq_lens, cu.to(torch.int32))
+        return PackedBatch(input_ids, pos, seq_lens, attn, input_ids, staging=staging)
+    # Padded buckets: padding slots hold token 0 at position 0; their rows are dropped.
+    layout = padded_layout(seq_lens)
+    slots, num_slots = layout[1], layout[2]
+    padded_ids, padded_pos = np.zeros(num_slots, np.int64), np.zeros(num_slots, np.int64)
+    padded_ids[slots], padded_pos[slots] = ids, positions
+    flat, staging = upload([padded_ids, padded_pos, cu_seqlens, slots, ids], device, pool)
+    input_ids, pos, cu, real_rows, token_ids = flat.split(
+        [num_slots, num_slots, len(cu_seqlens), n, n])
+    attn = AttentionMetadata.build(seq_lens, cu.to(torch.int32), layout)
+    return PackedBatch(input_ids, pos, seq_lens, attn, token_ids, real_rows, staging)
 
 
 class ModelRunner:
     def __init__(self, model: TokenClassifier, pooler: Pooler, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, graphs: CudaGraphs | None = None) -> None:
         self.model = model
+        self.graphs = graphs
         self.pooler = pooler
         self.device = device
         self.use_varlen = varlen_supported(device, dtype)
         # Overlapping batch i+1's launch with batch i's results pays only on an async device.
         self.pipelined = device.type == "cuda"
+        self.pinned = PinnedPool()
 
     @torch.inference_mode()
     def launch(self, requests: list[Request]) -> InFlight:
         """Queue the forward pass and the pooling; start copying the rows to the host."""
-        batch = pack(requests, self.device, self.use_varlen)
-        logits = self.model(batch.input_ids, batch.positions, batch.attn)
+        graph = None
+        if self.graphs is not None:
+            graph = self.graphs.pick(sum(r.num_tokens for r in requests), len(requests))
+        batch = pack(requests, self.device, self.use_varlen, self.pinned, graph)
+        if graph is not None:
+            logits = graph.replay()[:batch.num_tokens]
+        else:
+            logits = self.model(batch.input_ids, batch.positions, batch.attn)
         if batch.real_rows is not None:
             logits = logits[batch.real_rows]
         pooled = self.pooler(logits, batch.seq_lens, batch.token_ids,
                              [r.params for r in requests])
         if self.device.type != "cuda":
             return InFlight(requests, pooled, pooled.rows, None)
-        host = torch.empty(pooled.rows.shape, dtype=pooled.rows.dtype, pin_memory=True)
-        host.copy_(pooled.rows, non_blocking=True)
+        rows = pooled.rows
+        buffer, host = self.pinned.acquire(rows.numel(), rows.dtype)
+        host = host.view(rows.shape)
+        host.copy_(rows, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return InFlight(requests, pooled, host, done)
+        return InFlight(requests, pooled, host, done, [*batch.staging, buffer])
 
     def collect(self, flight: InFlight) -> list[torch.Tensor]:
         """Each request's rows (CPU, float32), in batch order."""
         rows = flight.host_rows
         if flight.done is not None:
             flight.done.synchronize()
-            rows = rows.clone()  # let the pinned block go back to the cache
+            rows = rows.clone()  # the pinned buffer goes back to the pool
+            self.pinned.release(flight.staging)
         return flight.pooled.split(rows)
 
     def run(self, requests: list[Request]) -> list[torch.Tensor]:

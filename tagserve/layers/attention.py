@@ -1,8 +1,9 @@
 """Attention over a packed batch: tokens of all sequences in one `[T, heads, head_dim]` tensor.
 
 Two kernels, one interface (`packed_attention`):
-- CUDA: flash attention for variable-length sequences (`torch.nn.attention.varlen.varlen_attn`),
-  no padding at all.
+- CUDA: flash attention for variable-length sequences (the kernel behind torch's
+  `varlen_attn`, called directly: its Python wrapper costs ~0.3 ms a call on a slow host, and
+  only torch >= 2.13's wrapper passes grouped k/v heads through), no padding at all.
 - CPU (and CUDA without varlen flash, or in float32): the runner lays the batch out in length
   buckets, each padded to its longest member (at most 12.5% padding), so every bucket is one
   dense SDPA call on a view of the activations (a key mask hides the padding): no
@@ -14,7 +15,6 @@ A window is `(left, right)` as in flash attention: query i sees key j iff i-left
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,13 +25,16 @@ Window = tuple[int, int]
 FULL: Window = (-1, -1)
 CAUSAL: Window = (-1, 0)
 
-try:
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+def _flash_schema() -> str:
+    try:
+        return str(torch.ops.aten._flash_attention_forward.default._schema)
+    except (AttributeError, RuntimeError):
+        return ""
 
-    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
-except ImportError:  # torch < 2.9
-    _varlen_attn = None
-    _VARLEN_PARAMS = set()
+
+_FLASH_SCHEMA = _flash_schema()
+_HAS_FLASH_VARLEN = "cum_seq_q" in _FLASH_SCHEMA
+_HAS_FLASH_WINDOW = "window_size_left" in _FLASH_SCHEMA
 
 
 # Sequences share a padded SDPA call when the shortest is within this share of the longest.
@@ -50,7 +53,10 @@ class LengthGroup:
     key_mask: torch.Tensor | None = None
 
 
-def padded_layout(seq_lens: list[int]) -> tuple[list[tuple[int, list[int]]], np.ndarray, int]:
+PaddedLayout = tuple[list[tuple[int, list[int]]], np.ndarray, int]
+
+
+def padded_layout(seq_lens: list[int]) -> PaddedLayout:
     """Bucket sequences by length (longest first, at most `_BUCKET_SLACK` padding per bucket).
 
     Returns the buckets as `(start slot, member lengths)`, the slot of every packed token, and
@@ -97,24 +103,22 @@ class AttentionMetadata:
     _masks: dict[tuple[int, Window], torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, seq_lens: list[int], device: torch.device,
-              use_varlen: bool) -> AttentionMetadata:
-        offsets = [0]
-        for n in seq_lens:
-            offsets.append(offsets[-1] + n)
-        cu = torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
-        if use_varlen:
-            return cls(seq_lens, cu, max(seq_lens), True)
-        buckets, slots, num_slots = padded_layout(seq_lens)
+    def build(cls, seq_lens: list[int], cu_seqlens: torch.Tensor,
+              layout: PaddedLayout | None = None) -> AttentionMetadata:
+        """`cu_seqlens [B+1]`: the sequences' start offsets, int32 on the model's device;
+        `layout`: the `padded_layout` of `seq_lens`, or None for flash varlen."""
+        if layout is None:
+            return cls(seq_lens, cu_seqlens, max(seq_lens), True)
+        buckets, slots, num_slots = layout
         groups = []
         for start, lens in buckets:
             width = lens[0]
             mask = None
             if lens[-1] != width:
                 valid = torch.arange(width).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-                mask = valid[:, None, None, :].to(device)
+                mask = valid[:, None, None, :].to(cu_seqlens.device)
             groups.append(LengthGroup(start, len(lens), width, mask))
-        return cls(seq_lens, cu, max(seq_lens), False, groups, slots, num_slots)
+        return cls(seq_lens, cu_seqlens, max(seq_lens), False, groups, slots, num_slots)
 
     def mask(self, length: int, window: Window, device: torch.device) -> torch.Tensor | None:
         """Boolean `[L, L]` mask (True = attend) for a window, or None when it allows everything."""
@@ -138,13 +142,13 @@ class AttentionMetadata:
 def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Flash varlen needs CUDA, 16-bit activations and a torch that ships it."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and _varlen_attn is not None)
+            and _HAS_FLASH_VARLEN)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                      window: Window = FULL, scale: float | None = None) -> torch.Tensor:
     """Attention of `q [T, Hq, D]` over `k, v [T, Hkv, D]` within each packed sequence."""
-    if meta.use_varlen and (window in (FULL, CAUSAL) or "window_size" in _VARLEN_PARAMS):
+    if meta.use_varlen and (window in (FULL, CAUSAL) or _HAS_FLASH_WINDOW):
         return _flash_varlen(q, k, v, meta, window, scale)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
@@ -164,16 +168,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                   window: Window, scale: float | None) -> torch.Tensor:
+    """Flash attention over the packed sequences; k/v may have fewer heads than q (GQA)."""
+    left, right = window
+    causal = right == 0
     kwargs: dict = {"scale": scale}
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in _VARLEN_PARAMS:
-            kwargs["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if "window_size" in _VARLEN_PARAMS:
-        kwargs["window_size"] = window
-    elif window == CAUSAL:
-        kwargs["is_causal"] = True
-    return _varlen_attn(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen,
-                        meta.max_seqlen, **kwargs)
+    if _HAS_FLASH_WINDOW:
+        kwargs["window_size_left"] = left if left >= 0 else None
+        kwargs["window_size_right"] = None if causal or right < 0 else right
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen, 0.0,
+        causal, False, **kwargs)
+    return out[0]

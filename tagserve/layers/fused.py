@@ -3,8 +3,9 @@
 The profiler shows a BERT layer's LayerNorms, residual adds and GELU costing about a quarter of
 its GPU time at large batches, all of it memory traffic. On CUDA with 16-bit weights (unless
 `enforce_eager=True`):
-- residual add + LayerNorm / RMSNorm and gated activations are compiled with `torch.compile`
-  into one kernel each (dynamic shapes: one compilation serves every token count);
+- residual add + LayerNorm / RMSNorm, gated activations and the decoders' q/k RMSNorm + RoPE
+  are compiled with `torch.compile` into one kernel each (the token count turns into a
+  dynamic dimension at the second batch size seen; hidden sizes stay constants);
 - GELU after the up-projection runs in the cuBLASLt epilogue of its GEMM
   (`torch._addmm_activation`), so the `[T, intermediate]` tensor is written once.
 Everywhere else the same functions run eagerly, so results are identical in float32.
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tagserve.layers.norm import rms_norm
+from tagserve.layers.norm import RMSNorm, rms_norm
+from tagserve.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 def _add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -39,9 +41,19 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if q_weight is not None and k_weight is not None:
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    return apply_rotary(positions, q, k, cos, sin)
+
+
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=True)
+    # Automatic dynamic shapes: after the first batch the token dimension becomes symbolic while
+    # hidden sizes stay constants, so reductions over them compile to single-pass kernels.
+    return torch.compile(fn)
 
 
 def _maybe_compiled(fn: Callable, fused: bool) -> Callable:
@@ -60,6 +72,17 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
 
 def silu_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
     return _maybe_compiled(_silu_mul, fused)(gate_up)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 rotary: RotaryEmbedding, q_norm: RMSNorm | None, k_norm: RMSNorm | None,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of `q, k [T, H, D]` (Qwen3; skipped when the norms are None), then
+    RoPE. Eagerly that is about ten float32 passes over q and k; fused, one kernel."""
+    eps = q_norm.eps if q_norm is not None else 0.0
+    return _maybe_compiled(_qk_norm_rope, fused)(
+        q, k, positions, rotary.cos, rotary.sin, None if q_norm is None else q_norm.weight,
+        None if k_norm is None else k_norm.weight, eps)
 
 
 def linear_gelu(x: torch.Tensor, linear: nn.Linear, act: Callable[[torch.Tensor], torch.Tensor],

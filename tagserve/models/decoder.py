@@ -7,7 +7,7 @@ from torch import nn
 
 from tagserve.config import HFConfig
 from tagserve.layers.attention import CAUSAL, AttentionMetadata, Window, packed_attention
-from tagserve.layers.fused import add_rms_norm, silu_mul
+from tagserve.layers.fused import add_rms_norm, qk_norm_rope, silu_mul
 from tagserve.layers.norm import RMSNorm
 from tagserve.layers.rotary import RotaryEmbedding
 from tagserve.models.base import Backbone, WeightTarget
@@ -47,9 +47,9 @@ class DecoderLayer(nn.Module):
         o_bias = config.get("model_type") != "qwen2" and bool(config.get("attention_bias"))
         self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
         eps = config.get("rms_norm_eps", 1e-6)
-        if config.get("model_type") == "qwen3":
-            self.q_norm = RMSNorm(self.head_dim, eps)
-            self.k_norm = RMSNorm(self.head_dim, eps)
+        qk_norm = config.get("model_type") == "qwen3"
+        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
         inter, mlp_bias = config.intermediate_size, bool(config.get("mlp_bias"))
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=mlp_bias)
         self.down_proj = nn.Linear(inter, hidden, bias=mlp_bias)
@@ -70,9 +70,7 @@ class DecoderLayer(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = qk_norm_rope(q, k, positions, self.rotary, self.q_norm, self.k_norm, self.fused)
         a = packed_attention(q, k, v, attn, self.window).reshape(-1, self.q_size)
         h, residual = add_rms_norm(self.o_proj(a), residual, self.post_attention_layernorm,
                                    self.fused)
