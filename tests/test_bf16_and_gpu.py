@@ -32,8 +32,13 @@ def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float32_and_bfloat16(family, device, make_checkpoint):
-    """fp32 matches transformers to 1e-4; bf16 is within 2e-2 of fp32 logits, or at least as
-    close as transformers' own bf16 run, with the argmax agreeing on almost all tokens."""
+    """fp32 matches transformers to 1e-4. bf16 is compared with transformers' own bf16 run
+    against the same fp32 reference: the mean error must be about as small (<= 1.25x), the
+    worst token within 2e-2 or 1.5x transformers' worst, and the argmax must agree as often.
+
+    The worst-token error of these tiny random models is a noisy statistic: on the H200 the
+    same code moved it by up to 25% between prompt sets (fused vs eager qwen3: 3.56e-2 vs
+    2.79e-2 on one set, 2.65e-2 vs 2.67e-2 on another), hence the mean as the tight check."""
     if device == "cpu" and family not in CPU_FAMILIES:
         pytest.skip("CPU bf16 runs on one checkpoint per architecture family")
     path = make_checkpoint(family)
@@ -43,25 +48,33 @@ def test_float32_and_bfloat16(family, device, make_checkpoint):
     prompts = sentences(48, seed=11)
     fp32 = run(path, family, "float32", prompts, device)
     bf16 = run(path, family, "bfloat16", prompts, device)
-    ours = {"fp32": 0.0, "bf16": 0.0, "hf_bf16": 0.0}
+    worst = {"fp32": 0.0, "bf16": 0.0, "hf_bf16": 0.0}
+    abs_err = {"bf16": 0.0, "hf_bf16": 0.0}
+    ref_size = 0.0
     agree = hf_agree = total = 0
     for a, b in zip(fp32, bf16, strict=True):
         ids = torch.tensor([a.prompt_token_ids])
         with torch.no_grad():
             ref = oracle(input_ids=ids).logits[0]
-            ref_bf16 = oracle_bf16(input_ids=ids.to(device)).logits[0]
-        ours["fp32"] = max(ours["fp32"], max_rel_err(a.outputs.data, ref))
-        ours["bf16"] = max(ours["bf16"], max_rel_err(b.outputs.data, ref))
-        ours["hf_bf16"] = max(ours["hf_bf16"], max_rel_err(ref_bf16, ref))
+            ref_bf16 = oracle_bf16(input_ids=ids.to(device)).logits[0].float().cpu()
         assert b.outputs.data.dtype == torch.float32
+        worst["fp32"] = max(worst["fp32"], max_rel_err(a.outputs.data, ref))
+        worst["bf16"] = max(worst["bf16"], max_rel_err(b.outputs.data, ref))
+        worst["hf_bf16"] = max(worst["hf_bf16"], max_rel_err(ref_bf16, ref))
+        abs_err["bf16"] += float((b.outputs.data - ref).abs().sum())
+        abs_err["hf_bf16"] += float((ref_bf16 - ref).abs().sum())
+        ref_size += float(ref.abs().sum())
         agree += int((b.outputs.data.argmax(-1) == ref.argmax(-1)).sum())
-        hf_agree += int((ref_bf16.argmax(-1).cpu() == ref.argmax(-1)).sum())
-        total += ref.shape[0]
-    print(f"{family} on {device}: fp32 rel err {ours['fp32']:.2e}; bf16 rel err {ours['bf16']:.2e} "
-          f"(transformers bf16 {ours['hf_bf16']:.2e}); bf16 argmax agreement "
-          f"{agree / total:.4f} (transformers bf16 {hf_agree / total:.4f}, {total} tokens)")
-    assert ours["fp32"] < 1e-4
-    assert ours["bf16"] < max(2e-2, 1.25 * ours["hf_bf16"])
+        hf_agree += int((ref_bf16.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ref)
+    mean = {k: v / ref_size for k, v in abs_err.items()}
+    print(f"{family} on {device}: fp32 rel err {worst['fp32']:.2e}; bf16 worst {worst['bf16']:.2e}"
+          f" mean {mean['bf16']:.2e} (transformers bf16 worst {worst['hf_bf16']:.2e} mean "
+          f"{mean['hf_bf16']:.2e}); bf16 argmax agreement {agree / total:.4f} (transformers "
+          f"bf16 {hf_agree / total:.4f}, {total} tokens)")
+    assert worst["fp32"] < 1e-4
+    assert mean["bf16"] <= 1.25 * mean["hf_bf16"]
+    assert worst["bf16"] < max(2e-2, 1.5 * worst["hf_bf16"])
     assert agree / total >= min(0.99, hf_agree / total - 0.005)
 
 
