@@ -19,6 +19,10 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# The GELU variants by `F.gelu`'s `approximate` argument (fused kernels take it as a flag).
+GELU_FORMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
 def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACTIVATIONS:
         raise ValueError(f"Unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")

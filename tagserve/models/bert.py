@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from tagserve.config import HFConfig
-from tagserve.layers.activation import get_activation
+from tagserve.layers.activation import GELU_FORMS, get_activation
 from tagserve.layers.attention import AttentionMetadata, packed_attention
-from tagserve.layers.fused import add_layer_norm, linear_gelu
+from tagserve.layers.fused import add_layer_norm, linear, linear_gelu
 from tagserve.models.base import Backbone, WeightTarget
 
 
@@ -48,15 +48,19 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
         act = config.get("hidden_act", "gelu")
         self.act = get_activation(act)
-        self.gelu = act.startswith("gelu")
-        self.fused = False  # set by the loader on 16-bit CUDA (layers/fused.py)
+        self.gelu = GELU_FORMS.get(act)  # "none" (exact) or "tanh"; None: not a GELU
+        self.fused = False  # set by the loader on 16-bit CUDA and bf16 CPU (layers/fused.py)
 
     def forward(self, x: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
+        qkv = linear(x, self.qkv, self.fused)
+        q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         a = packed_attention(q, k, v, attn).reshape(x.shape)
-        x = add_layer_norm(self.attn_out(a), x, self.attn_norm, self.fused)
-        h = linear_gelu(x, self.up, self.act, self.fused and self.gelu)
-        return add_layer_norm(self.down(h), x, self.mlp_norm, self.fused)
+        x = add_layer_norm(linear(a, self.attn_out, self.fused), x, self.attn_norm, self.fused)
+        if self.gelu is None:
+            h = self.act(linear(x, self.up, self.fused))
+        else:
+            h = linear_gelu(x, self.up, self.gelu, self.fused)
+        return add_layer_norm(linear(h, self.down, self.fused), x, self.mlp_norm, self.fused)
 
 
 class BertModel(Backbone):
