@@ -15,7 +15,7 @@ from tagserve.config import POOLING_TASKS, PoolerConfig, check_removed_task
 from tagserve.engine.engine import LLMEngine
 from tagserve.engine.factory import EngineArgs, create_engine
 from tagserve.engine.inputs import Prompt, TokenizeParams, normalize_prompts, tokenize_prompts
-from tagserve.engine.offline import progress_bar, run_requests
+from tagserve.engine.offline import cyclic_gc_paused, progress_bar, run_requests
 from tagserve.engine.request import Request
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
@@ -121,8 +121,9 @@ class LLM:
                     future.cancel()
                 if bar is not None:
                     bar.close()
-        return [PoolingRequestOutput(r.request_id, r.token_ids, PoolingOutput(r.result),
-                                     offsets=r.offsets) for r in requests]
+        with cyclic_gc_paused():
+            return [PoolingRequestOutput(r.request_id, r.token_ids, PoolingOutput(r.result),
+                                         offsets=r.offsets) for r in requests]
 
     def ner(self, inputs: str | Sequence[str] | Sequence[Sequence[str]],
             aggregation_strategy: str = "simple", ignore_labels: Sequence[str] = ("O",),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -111,6 +113,18 @@ def test_length_errors(bert, hf_tokenizer):
                     tokenization_kwargs={"truncate_prompt_tokens": max_len + 1})
     assert len(bert.encode([[7] * max_len], pooling_task="token_classify")[0].outputs.data) \
         == max_len
+
+
+def test_cycle_collector_paused_only_while_encoding(bert, monkeypatch):
+    seen = []
+    original = bert.llm_engine.step
+    monkeypatch.setattr(bert.llm_engine, "step", lambda: seen.append(gc.isenabled()) or original())
+    bert.encode(["a b c", "d e"], pooling_task="token_classify")
+    assert seen and not any(seen)
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        bert.encode([[7] * (bert.model_config.max_model_len + 3)], pooling_task="token_classify")
+    assert gc.isenabled()
 
 
 def test_empty_inputs(bert, make_checkpoint):

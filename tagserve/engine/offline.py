@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -22,6 +24,21 @@ def progress_bar(use_tqdm: bool | Callable[..., tqdm], total: int, desc: str) ->
     return factory(total=total, desc=desc, unit="prompt")
 
 
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cycle collector (reference counting still frees everything). A run
+    creates a few objects per prompt while the prompts themselves are alive, so the collector
+    keeps rescanning them: 0.5-1 s of 8 s for 20k short prompts measured on CPU, tens of µs a
+    prompt on the GPU host."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def run_requests(engine: LLMEngine, pending: deque[Future[list[Request]]],
                  on_done: Callable[[list[Request]], None] | None = None) -> list[Request]:
     """Run every request of every chunk; all requests in chunk order. `on_done(requests)`
@@ -29,19 +46,20 @@ def run_requests(engine: LLMEngine, pending: deque[Future[list[Request]]],
     queued on the device then, so work done there overlaps the model). A failed request
     raises its error; whatever is still queued is dropped."""
     results: list[Request] = []
-    try:
-        while pending or engine.has_unfinished_requests():
-            while pending and (pending[0].done() or len(engine.scheduler) == 0):
-                chunk = pending.popleft().result()
-                results += chunk
-                # Similar lengths side by side: fewer attention groups on CPU.
-                engine.add_requests(sorted(chunk, key=lambda r: r.num_tokens))
-            done = engine.step()
-            for request in done:
-                if request.error is not None:
-                    raise request.error
-            if on_done is not None:
-                on_done(done)
-    finally:
-        engine.abort_all()
-    return results
+    with cyclic_gc_paused():
+        try:
+            while pending or engine.has_unfinished_requests():
+                while pending and (pending[0].done() or len(engine.scheduler) == 0):
+                    chunk = pending.popleft().result()
+                    results += chunk
+                    # Similar lengths side by side: fewer attention groups on CPU.
+                    engine.add_requests(sorted(chunk, key=lambda r: r.num_tokens))
+                done = engine.step()
+                for request in done:
+                    if request.error is not None:
+                        raise request.error
+                if on_done is not None:
+                    on_done(done)
+        finally:
+            engine.abort_all()
+        return results
