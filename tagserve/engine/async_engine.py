@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -43,11 +44,52 @@ class ModelExecutionError(RuntimeError):
     """The model raised while running this request (a server fault, not bad input)."""
 
 
+@dataclass
+class _Pending:
+    """One call waiting on the engine: a single future for all of its prompts, so that the
+    hand-back costs one wake-up per call, not one per prompt. Its requests may be queued from
+    a tokenizer thread; `lock` orders that against the caller's cancellation."""
+
+    future: asyncio.Future[list[torch.Tensor]]
+    requests: list[Request] = field(default_factory=list)
+    results: list[torch.Tensor | None] = field(default_factory=list)
+    remaining: int = 0
+    cancelled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, requests: list[Request]) -> None:
+        """Own `requests` (any thread, holding `lock`)."""
+        self.requests = requests
+        self.results = [None] * len(requests)
+        self.remaining = len(requests)
+
+    def cancel(self) -> None:
+        """The caller is gone or failed: its requests are dropped instead of scheduled."""
+        with self.lock:
+            self.cancelled = True
+            for request in self.requests:
+                request.cancelled = True
+
+    def deliver(self, request: Request) -> None:
+        """On the event loop: store one finished request; resolve when all are in."""
+        if self.future.done():
+            return
+        if request.error is not None:
+            logger.error("The model failed on a request: %r", request.error)
+            self.future.set_exception(ModelExecutionError(
+                f"The model failed on this request ({type(request.error).__name__})"))
+            return
+        self.results[request.arrival_index] = request.result
+        self.remaining -= 1
+        if not self.remaining:
+            self.future.set_result(self.results)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, tokenizer_threads: int = 4) -> None:
         self.engine = engine
         self._pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tagserve-tok")
-        self._futures: dict[str, asyncio.Future[torch.Tensor]] = {}
+        self._pending: dict[str, _Pending] = {}  # request id -> its encode call
         self._ids = itertools.count()
         self._listeners: list[BatchListener] = []
         self._wakeup = threading.Event()
@@ -105,30 +147,75 @@ class AsyncEngine:
 
         If the caller is cancelled (client gone) or one prompt fails, the remaining prompts
         are dropped from the queue."""
+        self._check_alive()
+        pending = _Pending(asyncio.get_running_loop().create_future())
+        self._queue(pending, self._requests(prompts, params))
+        return await self._wait(pending)
+
+    async def encode_prompts(self, prompts: list[Prompt], tokenize_params: TokenizeParams,
+                             params: PoolingParams) -> tuple[list[torch.Tensor], int]:
+        """`tokenize` and `encode` in one: a tokenizer thread tokenizes, makes the requests
+        and queues them, so the event loop wakes once per call (when the results are in).
+        Returns the results and the number of prompt tokens."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(loop.create_future())
+
+        def tokenize_and_queue() -> None:
+            try:
+                self._queue(pending, self._requests(self._tokenize(prompts, tokenize_params),
+                                                    params))
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller
+                loop.call_soon_threadsafe(_set_exception, pending.future, exc)
+
+        self._pool.submit(tokenize_and_queue)
+        results = await self._wait(pending)
+        return results, sum(r.num_tokens for r in pending.requests)
+
+    def _check_alive(self) -> None:
         if not self.is_alive:
             raise EngineDeadError("The engine has stopped; restart the server.")
-        loop = asyncio.get_running_loop()
+
+    def _requests(self, prompts: list[TokenizedPrompt], params: PoolingParams) -> list[Request]:
         requests = [Request(str(next(self._ids)), p.token_ids, params, p.offsets, i)
                     for i, p in enumerate(prompts)]
         # Similar lengths side by side: fewer attention groups, same results.
         requests.sort(key=lambda r: r.num_tokens)
-        futures = {r.request_id: loop.create_future() for r in requests}
-        self._futures.update(futures)
+        return requests
+
+    def _queue(self, pending: _Pending, requests: list[Request]) -> None:
+        """Register and queue `pending`'s requests (from any thread), unless its caller has
+        already given up."""
+        if not requests:
+            pending.future.get_loop().call_soon_threadsafe(_set_result, pending.future, [])
+            return
+        with pending.lock:  # registered before a cancellation, or not at all
+            if pending.cancelled:
+                return
+            pending.take(requests)
+            self._pending.update((r.request_id, pending) for r in requests)
         try:
             self.engine.scheduler.add_all(requests)
             self._wakeup.set()
-            if self.dead is not None:  # died after the check above: nobody will answer
+            if self.dead is not None:  # died after the check: nobody will answer
                 raise EngineDeadError("The engine has stopped; restart the server.")
-            results = await asyncio.gather(*futures.values())
         except BaseException:
-            for request in requests:
-                request.cancelled = True
+            pending.cancel()
+            self._forget(pending)
+            raise
+
+    async def _wait(self, pending: _Pending) -> list[torch.Tensor]:
+        try:
+            return await pending.future
+        except BaseException:
+            pending.cancel()
             raise
         finally:
-            for request_id in futures:
-                self._futures.pop(request_id, None)
-        by_index = {r.arrival_index: t for r, t in zip(requests, results, strict=True)}
-        return [by_index[i] for i in range(len(requests))]
+            self._forget(pending)
+
+    def _forget(self, pending: _Pending) -> None:
+        for request in pending.requests:
+            self._pending.pop(request.request_id, None)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -181,39 +268,37 @@ class AsyncEngine:
                 logger.exception("Batch listener %r failed", listener)
 
     def _deliver(self, requests: list[Request]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[Request]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, Request]]] = {}
         for request in requests:
-            future = self._futures.get(request.request_id)
-            if future is not None and not request.cancelled:
-                by_loop.setdefault(future.get_loop(), []).append(request)
+            pending = self._pending.get(request.request_id)
+            if pending is not None and not request.cancelled:
+                by_loop.setdefault(pending.future.get_loop(), []).append((pending, request))
         for loop, batch in by_loop.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._resolve, batch)
-
-    def _resolve(self, requests: list[Request]) -> None:
-        """On the event loop: complete each request's future."""
-        for request in requests:
-            future = self._futures.get(request.request_id)
-            if future is None or future.done():
-                continue
-            if request.error is not None:
-                logger.error("The model failed on a request: %r", request.error)
-                future.set_exception(ModelExecutionError(
-                    f"The model failed on this request ({type(request.error).__name__})"))
-            else:
-                future.set_result(request.result)
+                loop.call_soon_threadsafe(_resolve, batch)
 
     def _fail_all(self, exc: BaseException) -> None:
         error = EngineDeadError(f"The engine has stopped: {type(exc).__name__}")
-        for future in list(self._futures.values()):
+        for future in {p.future for p in list(self._pending.values())}:
             loop = future.get_loop()
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_set_exception, future, error)
 
 
+def _resolve(batch: list[tuple[_Pending, Request]]) -> None:
+    """On the event loop: hand each finished request to its `encode` call."""
+    for pending, request in batch:
+        pending.deliver(request)
+
+
 def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int | None) -> None:

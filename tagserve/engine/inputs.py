@@ -20,7 +20,7 @@ Prompt = str | list[int] | dict[str, Any]
 @dataclass
 class TokenizedPrompt:
     token_ids: list[int]
-    offsets: list[tuple[int, int]] | None  # char span per token; None for token-id prompts
+    offsets: list[tuple[int, int]] | None  # char spans; None for token ids or offsets=False
     text: str | None
 
 
@@ -32,6 +32,7 @@ class TokenizeParams:
     truncate_prompt_tokens: int | None = None
     truncation_side: str | None = None
     add_special_tokens: bool = True
+    offsets: bool = True  # False: no character offsets (faster); `TokenizedPrompt.offsets` None
 
     @classmethod
     def from_kwargs(cls, max_model_len: int, kwargs: dict[str, Any] | None) -> TokenizeParams:
@@ -135,15 +136,17 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer: Tokenizer | None,
         encodings = iter([])
     elif n is not None and params.truncation_side is None:  # HF truncates content, keeps specials
         encodings = iter(tokenizer.encode_batch_truncated(texts, n, side,
-                                                          params.add_special_tokens))
+                                                          params.add_special_tokens,
+                                                          params.offsets))
     else:
-        encodings = iter(tokenizer.encode_batch(texts, params.add_special_tokens))
+        encodings = iter(tokenizer.encode_batch(texts, params.add_special_tokens,
+                                                params.offsets))
     out: list[TokenizedPrompt] = []
     for text, ids in split:
         offsets = None
         if text is not None:
             enc = next(encodings)
-            ids, offsets = enc.ids, enc.offsets
+            ids, offsets = enc.ids, enc.offsets if params.offsets else None
         if n is not None and len(ids) > n:
             keep = slice(0, n) if side == "right" else slice(len(ids) - n, len(ids))
             ids = ids[keep]

@@ -10,6 +10,7 @@ from tagserve.server.errors import InternalErrorMiddleware, install_error_handle
 from tagserve.server.metrics import ServerMetrics
 from tagserve.server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from tagserve.server.routes import health, models, ner, page, pooling, tokenize
+from tagserve.server.routes.pooling import POOLING_PATHS, FastPoolingMiddleware
 from tagserve.server.settings import ServerSettings
 from tagserve.server.state import ServerState
 
@@ -23,6 +24,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         app.include_router(module.router)
     install_error_handlers(app)
     # Added innermost first: metrics see every answer, including 401 and 413.
+    routes = {r.path: r for r in pooling.router.routes if r.path in POOLING_PATHS}
+    app.add_middleware(FastPoolingMiddleware, state=app.state.tagserve, routes=routes)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_keys:

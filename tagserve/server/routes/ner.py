@@ -126,7 +126,7 @@ async def _redact(body: RedactRequest, request: Request, state: ServerState) -> 
 async def create_ner(body: NerRequest, request: Request, state: State) -> Response:
     """Entities of each input, as `LLM.ner` (transformers' token-classification pipeline)
     finds them: `input` is a text, a list of texts or a list of word lists."""
-    return await cancel_on_disconnect(request, _ner(body, request, state))
+    return await cancel_on_disconnect(request.receive, _ner(body, request, state))
 
 
 @router.post("/v1/redact", response_model=RedactResponse, responses=ERROR_RESPONSES,
@@ -134,4 +134,4 @@ async def create_ner(body: NerRequest, request: Request, state: State) -> Respon
 async def create_redaction(body: RedactRequest, request: Request, state: State) -> Response:
     """Each text with its entities replaced (`[LABEL]`), masked (`*****`) or hashed
     (`<LABEL:sha256 prefix>`), per label if asked, and the redacted spans."""
-    return await cancel_on_disconnect(request, _redact(body, request, state))
+    return await cancel_on_disconnect(request.receive, _redact(body, request, state))
