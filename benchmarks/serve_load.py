@@ -48,8 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="override the workload's concurrency")
     p.add_argument("--client-procs", type=int, default=4, help="client processes for W3")
     p.add_argument("--encoding-format", default="float", choices=("float", "base64"))
-    p.add_argument("--server-args", default="--max-num-batched-tokens 32768 --max-num-seqs 1024",
-                   help="extra flags for `tagserve serve`")
+    p.add_argument("--server-args", default="--max-num-batched-tokens 32768 --max-num-seqs 1024 "
+                   "--disable-uvicorn-access-log", help="extra flags for `tagserve serve`")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"))
     p.add_argument("--smoke", action="store_true", help="tiny model and few requests (CI)")
     p.add_argument("--out", type=Path, help="write results JSON here")
@@ -117,6 +117,20 @@ def _client_proc(url: str, bodies: list[bytes], concurrency: int,
     out.put(asyncio.run(_client(url, bodies, concurrency)))
 
 
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process (or of one of its threads), from /proc."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(pid: int | None) -> tuple[float, float]:
+    """CPU seconds of the whole server and of its main thread (the event loop); 0 unknown."""
+    if pid is None or not Path(f"/proc/{pid}/stat").exists():
+        return 0.0, 0.0
+    return cpu_seconds(pid), cpu_seconds(pid, pid)
+
+
 def run_load(url: str, bodies: list[bytes], concurrency: int, procs: int) -> dict:
     procs = max(1, min(procs, concurrency))
     shares = [bodies[i::procs] for i in range(procs)]
@@ -176,21 +190,29 @@ def main() -> None:
             bodies = request_bodies(texts, per_request, n, args.encoding_format)
             run_load(url, bodies[: min(len(bodies), 2 * concurrency)], concurrency,
                      args.client_procs)  # warm-up
+            before = server_cpu(proc and proc.pid)
             result = run_load(url, bodies, concurrency, args.client_procs if concurrency > 1
                               else 1)
+            after = server_cpu(proc and proc.pid)
+            per_request_ms = [(b - a) / result["requests"] * 1e3
+                              for a, b in zip(before, after, strict=True)]
             rows.append({"workload": name, "texts_per_request": per_request,
-                         "tokens_per_text": tokens, **result})
+                         "tokens_per_text": tokens, **result,
+                         "server_cpu_ms_per_req": per_request_ms[0],
+                         "loop_cpu_ms_per_req": per_request_ms[1]})
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"# serve_load: {' '.join(sys.argv[1:])}\n")
     print("| workload | texts/req | concurrency | requests | tokens/s | req/s | p50 ms | p90 ms "
-          "| p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| p99 ms | server CPU ms/req | event loop CPU ms/req |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['workload']} | {r['texts_per_request']} | {r['concurrency']} | "
               f"{r['requests']} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:,.0f} | "
-              f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |")
+              f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
+              f"{r['server_cpu_ms_per_req']:.2f} | {r['loop_cpu_ms_per_req']:.2f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"argv": sys.argv, "pid": os.getpid(), "rows": rows},

@@ -106,6 +106,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Requests with more inputs get 413 (default: %(default)s).")
     server.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info",
                         choices=LOG_LEVELS, help="Log level (default: %(default)s).")
+    server.add_argument("--disable-uvicorn-access-log", action="store_true",
+                        help="No log line per HTTP request (it costs the event loop about "
+                             "0.1 ms a request).")
 
     model = parser.add_argument_group("model")
     model.add_argument("--tokenizer", help="Tokenizer folder or hub id (default: MODEL).")
@@ -191,7 +194,9 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.info("Serving %s as %s on http://%s:%d (API key %s)", engine.model_config.model,
                     settings.served_model_names, args.host, args.port,
                     "required" if settings.api_keys else "not required")
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # uvicorn picks httptools and uvloop when they are installed (the serve extra has them).
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    access_log=not args.disable_uvicorn_access_log)
     finally:
         engine.shutdown()
     return 0

@@ -20,6 +20,7 @@ from tagserve.engine.async_engine import AsyncEngine
 from tagserve.engine.factory import EngineArgs
 from tagserve.server.app import build_app
 from tagserve.server.encoding import EMBED_DTYPES, float_json
+from tagserve.server.routes.pooling import FastPoolingMiddleware
 from tagserve.server.settings import ServerSettings
 
 from server_util import assert_error, error_of
@@ -233,7 +234,7 @@ def test_float_json_shapes_and_fallbacks():
 LONG_TEXT = "Alice moved to Paris. " * 150
 
 
-@pytest.mark.parametrize(("body", "status", "err_type", "param", "message"), [
+ERROR_CASES = [
     ({"input": "x", "model": "nope"}, 404, "NotFoundError", None,
      "The model `nope` does not exist."),
     ({"input": []}, 400, "BadRequestError", None, "You must pass at least one prompt"),
@@ -280,7 +281,10 @@ LONG_TEXT = "Alice moved to Paris. " * 150
     ({"input": "x", "use_activation": "maybe"}, 400, "Bad Request", "body.use_activation",
      "bool_parsing"),
     ({"model": "bert"}, 400, "Bad Request", "body.input", "'type': 'missing'"),
-])
+]
+
+
+@pytest.mark.parametrize(("body", "status", "err_type", "param", "message"), ERROR_CASES)
 def test_error_paths(client, body, status, err_type, param, message):
     assert_error(client.post("/pooling", json=body), status, err_type, param, message)
 
@@ -383,6 +387,58 @@ def test_metrics(client):
                    "tagserve_queue_depth", "tagserve_batch_tokens_bucket",
                    "tagserve_batch_sequences_bucket"):
         assert needle in text, needle
+
+
+# --------------------------------------------------------------------------- fast path
+
+FAST_PATH_BODIES = [
+    {"input": TEXTS}, {"input": "Paris"}, {"input": [5, 6, 7]}, {"input": [[5, 6, 7], [8, 9]]},
+    {"input": TEXTS, "use_activation": False}, {"input": TEXTS, "truncate_prompt_tokens": 4},
+    {"input": TEXTS, "truncate_prompt_tokens": 4, "truncation_side": "left"},
+    {"input": TEXTS, "add_special_tokens": False}, {"input": TEXTS, "encoding_format": "base64"},
+    {"input": TEXTS, "encoding_format": "bytes", "embed_dtype": "bfloat16",
+     "endianness": "big"},
+    {"input": TEXTS, "encoding_format": "bytes_only"}, {"input": TEXTS, "unknown_field": 1},
+    {"messages": [{"role": "user", "content": "Alice moved to Paris."}]},
+    *[case[0] for case in ERROR_CASES],
+]
+
+
+def _comparable(response: Any) -> tuple[int, str | None, bytes, str | None]:
+    """Status, content type, body and metadata header, with the `created` time taken out."""
+    def created(text: bytes) -> bytes:
+        return re.sub(rb'"created": ?\d+', b'"created":0', text)
+    metadata = response.headers.get("metadata")
+    return (response.status_code, response.headers.get("content-type"),
+            created(response.content), metadata and created(metadata.encode()).decode())
+
+
+def test_fast_path_answers_exactly_as_the_route(engine):
+    """Every body, valid or not, gets the same bytes with and without `FastPoolingMiddleware`
+    (the route alone is the reference: it is what FastAPI would answer)."""
+    route_app = build_app(engine, ServerSettings(served_model_names=["bert"]))
+    route_app.user_middleware = [m for m in route_app.user_middleware
+                                 if m.cls is not FastPoolingMiddleware]
+    headers = {"content-type": "application/json", "x-request-id": "fixed"}
+    with make_client(engine) as fast, TestClient(route_app) as route:
+        for body in FAST_PATH_BODIES:
+            content = json.dumps(body)
+            answers = [_comparable(client.post(path, content=content, headers=headers))
+                       for client in (fast, route) for path in ("/pooling", "/invocations")]
+            assert answers[0] == answers[1] == answers[2] == answers[3], body
+        for content, content_type in (('{"input": [', "application/json"),
+                                      ('{"input": "x"}', "text/plain"), ("", "application/json")):
+            answers = [_comparable(client.post("/pooling", content=content,
+                                               headers={"content-type": content_type}))
+                       for client in (fast, route)]
+            assert answers[0] == answers[1] and answers[0][0] == 400, content
+
+
+def test_fast_path_request_id_precedence(client):
+    body = {"input": "x", "request_id": "from-body"}
+    assert pool(client, **body)["id"] == "pooling-from-body"
+    response = client.post("/pooling", json=body, headers={"X-Request-Id": "from-header"})
+    assert response.json()["id"] == "pooling-from-header"
 
 
 # --------------------------------------------------------------------------- other models

@@ -14,7 +14,9 @@ import pytest
 
 from tagserve.engine.async_engine import AsyncEngine
 from tagserve.engine.factory import EngineArgs
+from tagserve.engine.inputs import TokenizeParams
 from tagserve.engine.request import Request
+from tagserve.params import PoolingParams
 from tagserve.server.app import build_app
 from tagserve.server.settings import ServerSettings
 
@@ -171,5 +173,35 @@ def test_dead_engine_fails_health_and_requests(engine):
             later = await client.post("/pooling", json={"input": "a"})
             assert later.status_code == 500
             assert "engine has stopped" in later.json()["error"]["message"]
+
+    asyncio.run(scenario())
+
+
+def test_caller_gone_before_its_prompts_are_queued(engine):
+    """`encode_prompts` queues from a tokenizer thread: a caller cancelled while its prompts
+    are being tokenized never reaches the queue, and nothing is left registered."""
+    tokenizing, release = threading.Event(), threading.Event()
+    tokenize = engine._tokenize
+
+    def slow_tokenize(*args: Any) -> Any:
+        tokenizing.set()
+        assert release.wait(30)
+        return tokenize(*args)
+
+    engine._tokenize = slow_tokenize
+    params = PoolingParams().verify("token_classify", engine.model_config.pooler_config, False)
+
+    async def scenario() -> None:
+        call = asyncio.create_task(engine.encode_prompts(["a b"], TokenizeParams(512), params))
+        assert await asyncio.to_thread(tokenizing.wait, 10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        release.set()
+        await asyncio.sleep(0.2)
+        assert engine.num_waiting == 0 and not engine._pending
+        engine._tokenize = tokenize
+        outputs, tokens = await engine.encode_prompts(["a b", "c"], TokenizeParams(512), params)
+        assert [len(o) for o in outputs] == [4, 3] and tokens == 7 and not engine._pending
 
     asyncio.run(scenario())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import uvicorn
 
 from tagserve.cli import build_parser, engine_args, main, server_settings
 
@@ -10,7 +11,7 @@ FLAGS = ("--host", "--port", "--served-model-name", "--runner", "--convert", "--
          "--pooler-config.task", "--hf-overrides", "--dtype", "--max-model-len", "--max-num-seqs",
          "--max-num-batched-tokens", "--api-key", "--device", "--tokenizer",
          "--trust-remote-code", "--log-level", "--max-waiting-requests",
-         "--max-request-body-bytes", "--max-inputs-per-request")
+         "--max-request-body-bytes", "--max-inputs-per-request", "--disable-uvicorn-access-log")
 
 
 def parse(*argv: str):
@@ -73,3 +74,12 @@ def test_bad_flags_are_usage_errors(argv, capsys):
 def test_unloadable_model_exits_with_a_message(tmp_path, caplog):
     assert main(["serve", str(tmp_path)]) == 1
     assert "has no config.json" in caplog.text
+
+
+@pytest.mark.parametrize(("argv", "access_log"), [([], True),
+                                                  (["--disable-uvicorn-access-log"], False)])
+def test_uvicorn_access_log_flag(make_checkpoint, monkeypatch, argv, access_log):
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    assert main(["serve", str(make_checkpoint("bert")), "--port", "1", *argv]) == 0
+    assert calls[0]["access_log"] is access_log and calls[0]["port"] == 1
