@@ -77,5 +77,13 @@ def test_tags_obvious_entities(llm: LLM) -> None:
     assert all(tag == "O" for piece, tag in pairs if piece in ("Please", "or", "call", "Friday"))
 
 
+def test_tags_person_place_and_date(llm: LLM) -> None:
+    text = SENTENCES[1]
+    pairs = tagged(llm, text)
+    assert entity_text(pairs, text, "PERSON") == ["JohnSmith"]
+    assert entity_text(pairs, text, "LOCATION") == ["London"]
+    assert entity_text(pairs, text, "DATE") == ["3March2021"]
+
+
 def test_no_entities_in_plain_text(llm: LLM) -> None:
     assert all(tag == "O" for _, tag in tagged(llm, SENTENCES[2]))

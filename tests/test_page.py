@@ -1,7 +1,8 @@
 """The page at `/`: in-process checks of the HTML, its assets and the open paths, then a real
 `tagserve serve` driven in headless Chromium (selenium + chromedriver; skipped without them).
 
-`TAGSERVE_UPDATE_SCREENSHOT=1 pytest -m browser tests/test_page.py` also writes docs/page.png.
+`TAGSERVE_UPDATE_SCREENSHOT=1 pytest -m browser tests/test_page.py` runs the browser test on the
+bundled model instead of the tiny random checkpoint and writes its screenshot to docs/page.png.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from tagserve.bundled import DEFAULT_MODEL
 from tagserve.engine.async_engine import AsyncEngine
 from tagserve.engine.factory import EngineArgs
 from tagserve.server.app import build_app
@@ -30,6 +32,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 API_KEY = "page-test-key"
 MODEL_NAME = "tiny-bert-ner"
+UPDATE_SCREENSHOT = os.environ.get("TAGSERVE_UPDATE_SCREENSHOT") == "1"
 SENTENCE = "Alice Smith moved from Berlin to Paris in 1999 to work for Airbus."
 THRESHOLD = 0.5
 WINDOW = (1280, 900)
@@ -188,7 +191,9 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    ckpt = make_checkpoint("bert")
+    # The docs' screenshot shows real entities: the bundled model, under its own name.
+    ckpt, model_name = ((DEFAULT_MODEL, DEFAULT_MODEL.name) if UPDATE_SCREENSHOT
+                        else (make_checkpoint("bert"), MODEL_NAME))
     id2label = json.loads((ckpt / "config.json").read_text())["id2label"].values()
     entity_labels = set(id2label) | {label.split("-", 1)[-1] for label in id2label}
     driver = browser
@@ -199,7 +204,7 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
         return find(By.ID, element_id).get_property("textContent")
 
     with serve_process(ckpt, tmp_path / "server.log", "--api-key", API_KEY,
-                       "--served-model-name", MODEL_NAME) as url:
+                       "--served-model-name", model_name) as url:
         driver.get(f"{url}/")
         assert driver.title == "tagserve"
         wait.until(lambda _: text_of("model-name") == "(API key needed)")
@@ -213,7 +218,7 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
 
         find(By.CSS_SELECTOR, ".key summary").click()
         find(By.ID, "api-key").send_keys(API_KEY, Keys.TAB)
-        wait.until(lambda _: text_of("model-name") == MODEL_NAME)
+        wait.until(lambda _: text_of("model-name") == model_name)
         find(By.CSS_SELECTOR, ".key summary").click()
 
         text_box = find(By.ID, "text")
@@ -274,5 +279,5 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
         shot = tmp_path / "page.png"
         assert driver.save_screenshot(str(shot))
         assert _png_size(shot) == WINDOW
-        if os.environ.get("TAGSERVE_UPDATE_SCREENSHOT") == "1":
+        if UPDATE_SCREENSHOT:
             shutil.copyfile(shot, REPO / "docs" / "page.png")

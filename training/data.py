@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
+import wordfreq
 from faker import Faker
 from tokenizers import Tokenizer
 
@@ -360,28 +361,63 @@ class Values:
 
 
 @functools.cache
-def lexicon(lang: str) -> tuple[str, ...]:
-    """Common words of a language (Faker's word lists; English adds business and job words)."""
-    module = {"en": "en_US", "de": "de_DE", "fr": "fr_FR", "es": "es_ES", "it": "it_IT",
-              "nl": "nl_NL"}[lang]
-    words = set(importlib.import_module(f"faker.providers.lorem.{module}").Provider.word_list)
+def entity_words() -> frozenset[str]:
+    """Lower-cased one-word names, places and organisations of the lists the generator draws
+    from (words of longer names such as "New York" stay common words)."""
+    texts: list[str] = [*T.REAL_CITIES, *T.REAL_REGIONS, *T.REAL_ORGS]
+    for loc in (*LOCALES, *NAME_LOCALES):
+        person = importlib.import_module(f"faker.providers.person.{loc}").Provider
+        for attr in ("first_names", "first_names_male", "first_names_female", "last_names"):
+            texts += list(getattr(person, attr, ()))
+    for loc in LOCALES:
+        address = importlib.import_module(f"faker.providers.address.{loc}").Provider
+        for attr in ("cities", "countries", "states"):
+            texts += list(getattr(address, attr, ()))
+    return frozenset(text.lower() for text in texts if WORD_RE.fullmatch(text))
+
+
+@functools.cache
+def lexicon(lang: str, size: int = 8000) -> tuple[str, ...]:
+    """Common words of a language: the ``size`` most frequent words of ``wordfreq`` (English adds
+    Faker's business and job words), without words of the generator's names, places and
+    organisations (a random context word labelled O must not be a name the model has to tag)."""
+    words = set(wordfreq.top_n_list(lang, size))
     if lang == "en":
         company = importlib.import_module("faker.providers.company.en_US").Provider
         jobs = importlib.import_module("faker.providers.job.en_US").Provider.jobs
         extra = [w for group in (*company.bsWords, *company.catch_phrase_words) for w in group]
         words |= {w for text in (*extra, *jobs) for w in WORD_RE.findall(text)}
-    return tuple(sorted(w for w in words if WORD_RE.fullmatch(w)))
+    banned = entity_words()
+    return tuple(sorted(w for w in words if WORD_RE.fullmatch(w) and w.lower() not in banned))
 
 
-def common_text(repeat: int = 3) -> list[str]:
-    """Common words (lower-case and capitalised) and the train templates' text, for tokenizer
-    training: whole-word pieces for everyday words, not only for names."""
+def common_text(word_repeat: int = 3, template_repeat: int = 3) -> list[str]:
+    """Common words (lower-case and capitalised) and the train templates' and record keys' text,
+    for tokenizer training: subword pieces for everyday words too, not only for names."""
     words = [w for lang in LANG_WEIGHTS for w in lexicon(lang)]
-    lines = [" ".join(words), " ".join(w.capitalize() for w in words)]
-    pools = (T.TEMPLATES, T.NO_ENTITY, T.PREFIXES, T.SUFFIXES)
-    lines += [SLOT_RE.sub(" ", t) for pool in pools for texts in pool.values()
-              for t in split_pool(texts, "train")]
-    return lines * repeat
+    lines = [" ".join(words), " ".join(w.capitalize() for w in words)] * word_repeat
+    split_pools = (T.TEMPLATES, T.NO_ENTITY, T.PREFIXES, T.SUFFIXES)
+    texts = [t for pool in split_pools for pool_texts in pool.values()
+             for t in split_pool(pool_texts, "train")]
+    texts += [t for pool in (T.GREETINGS, T.SIGNOFFS) for pool_texts in pool.values()
+              for t in pool_texts]
+    texts = [SLOT_RE.sub(" ", t) for t in texts]
+    texts += [key for fields in T.FORM_KEYS.values() for keys in fields.values()
+              for key in split_pool(keys, "train", every=3)]
+    return lines + texts * template_repeat
+
+
+def common_words(per_language: int) -> list[str]:
+    """The ``per_language`` most frequent words of each language, lower-case and capitalised,
+    without the generator's names and places: whole vocabulary entries, so that everyday words
+    are single tokens instead of name-like subword pieces."""
+    banned = entity_words()
+    out: dict[str, None] = {}
+    for lang in LANG_WEIGHTS:
+        top = [w for w in wordfreq.top_n_list(lang, per_language)
+               if WORD_RE.fullmatch(w) and w.lower() not in banned]
+        out.update(dict.fromkeys(w for word in top for w in (word, word.capitalize())))
+    return list(out)
 
 
 def ordinal(day: int) -> str:
@@ -431,6 +467,9 @@ class Generator:
         self.prefixes = pick(T.PREFIXES)
         self.suffixes = pick(T.SUFFIXES)
         self.layouts = split_pool(T.FORM_LAYOUTS, split)
+        if split == "train":
+            self.layouts += [(kv, sep) for kv in T.TRAIN_KV_SEPARATORS
+                             for sep in T.TRAIN_FIELD_SEPARATORS]
         self.form_keys = {lang: {f: split_pool(keys, split, every=3) for f, keys in d.items()}
                           for lang, d in T.FORM_KEYS.items()}
 
@@ -468,6 +507,8 @@ class Generator:
             pieces = self.babble(locale)
         elif r < 0.38 and self.split == "train":
             pieces = self.salad(lang, locale)
+        elif r < 0.5 and self.split == "train":
+            pieces = self.compose(lang)
         else:
             pieces = self.fill(rng.choice(self.templates[lang]), locale)
         if rng.random() < 0.15:  # a second sentence
@@ -496,6 +537,23 @@ class Generator:
             pos = match.end()
         pieces.append((template[pos:], None))
         return [p for p in pieces if p[0]]
+
+    def compose(self, lang: str) -> list[Piece]:
+        """One to three training clauses joined by connectors, each filled from its own locale;
+        clauses that start a sentence are capitalised."""
+        rng = self.rng
+        pieces: list[Piece] = []
+        starts_sentence = True
+        for i in range(rng.choice((1, 2, 2, 3))):
+            if i:
+                connector = rng.choice(T.CONNECTORS[lang])
+                pieces.append((connector, None))
+                starts_sentence = connector.endswith(". ")
+            clause = self.fill(rng.choice(T.CLAUSES[lang]), self.locale_for(lang))
+            if starts_sentence and clause[0][1] is None:
+                clause[0] = (clause[0][0][:1].upper() + clause[0][0][1:], None)
+            pieces += clause
+        return [*pieces, (rng.choice((".", ".", "!", "", "?")), None)]
 
     def record(self, lang: str, locale: str) -> list[Piece]:
         """A key-value record (form, CSV-ish line or JSON object) of 2-6 fields."""
@@ -581,11 +639,19 @@ class Generator:
         return pieces
 
     def wrap(self, pieces: list[Piece], lang: str) -> list[Piece]:
+        """Openers and closers; in training also greetings and sign-offs with a name."""
         rng = self.rng
         if rng.random() < 0.15:
             pieces = [(rng.choice(self.prefixes[lang]) + " ", None), *pieces]
         if rng.random() < 0.1:
             pieces = [*pieces, (" " + rng.choice(self.suffixes[lang]), None)]
+        if self.split == "train":
+            if rng.random() < 0.1:
+                greeting = self.fill(rng.choice(T.GREETINGS[lang]), self.locale_for(lang))
+                pieces = [*greeting, (rng.choice((" ", "\n", "\n\n")), None), *pieces]
+            if rng.random() < 0.08:
+                signoff = self.fill(rng.choice(T.SIGNOFFS[lang]), self.locale_for(lang))
+                pieces = [*pieces, (rng.choice((" ", "\n", "\n\n")), None), *signoff]
         return pieces
 
     def vary(self, pieces: list[Piece]) -> list[Piece]:

@@ -2,7 +2,8 @@
 
 A template is a sentence with ``{SLOT}`` placeholders (see ``data.SLOTS``). Every pool is split
 into train and held-out templates by index (``data.split_pool``), so the held-out set is made of
-sentences the model never saw during training.
+sentences the model never saw during training. The clauses, greetings, sign-offs and record
+separators marked training-only are not split: the held-out set never uses them.
 
 Labelling conventions (the natural evaluation set follows them too):
 - PERSON excludes titles ("Dr.", "Mr", "Frau"); a first name alone or a last name is a PERSON.
@@ -527,6 +528,116 @@ SUFFIXES: dict[str, list[str]] = {
     "nl": ["Bedankt!", "Groeten."],
 }
 
+# Training-only clauses, joined by ``CONNECTORS`` into sentences of one to three clauses
+# (data.Generator.compose): entities in many more positions and neighbourhoods than whole
+# templates give. None of them is a held-out template.
+CLAUSES: dict[str, list[str]] = {
+    "en": ["{PERSON} called this morning", "the parcel goes to {ADDRESS}",
+           "I met {FIRST} at the airport", "{ORG} sent the contract back",
+           "the meeting is in {CITY}", "her new number is {PHONE}",
+           "you can write to {EMAIL}", "the payment came from {IBAN}",
+           "my card ending {CARD} was charged", "the request came from {IP}",
+           "the slides are on {URL}", "it expires on {DATE}", "his passport is {PASSPORT}",
+           "the SSN on file is {SSN}", "ask {FIRST} about it", "{LAST} is on leave",
+           "we flew to {COUNTRY}", "the office moved to {STREET}",
+           "she studied in {REGION}", "I have a call with {ORG}",
+           "{PERSON} signed for {ORG}", "nobody answered", "the total was {AMOUNT}",
+           "the link is broken", "please confirm by {WEEKDAY}", "it arrived at {TIME}",
+           "ticket {ORDER} is still open", "{FIRST} and {FIRST} agreed",
+           "the file mentions {PERSON} twice", "the client ID is {EMPID}",
+           "record {PATIENT} belongs to {PERSON}", "licence {LICENSE} was suspended",
+           "a letter from {CITY} arrived on {DATE}"],
+    "de": ["{PERSON} hat heute früh angerufen", "das Paket geht an {ADDRESS}",
+           "ich habe {FIRST} am Bahnhof getroffen", "{ORG} hat den Vertrag unterschrieben",
+           "das Treffen findet in {CITY} statt", "ihre neue Nummer ist {PHONE}",
+           "schreib einfach an {EMAIL}", "das Geld kam von {IBAN}",
+           "die Karte {CARD} wurde belastet", "der Zugriff kam von {IP}",
+           "die Folien liegen unter {URL}", "der Ausweis läuft am {DATE} ab",
+           "frag am besten {FIRST}", "Herr {LAST} ist im Urlaub", "wir ziehen nach {COUNTRY}",
+           "die Praxis ist jetzt in der {STREET}", "keiner hat geantwortet",
+           "der Betrag war {AMOUNT}", "die Steuernummer lautet {SSN}",
+           "ich telefoniere morgen mit {ORG}"],
+    "fr": ["{PERSON} a appelé ce matin", "le colis part pour {ADDRESS}",
+           "j'ai croisé {FIRST} à la gare", "{ORG} a renvoyé le contrat",
+           "la réunion aura lieu à {CITY}", "son nouveau numéro est le {PHONE}",
+           "écrivez plutôt à {EMAIL}", "le virement vient de {IBAN}",
+           "la carte {CARD} a été débitée", "la connexion venait de {IP}",
+           "tout est sur {URL}", "le document expire le {DATE}", "demande à {FIRST}",
+           "Mme {LAST} est absente", "nous partons en {COUNTRY}", "personne n'a répondu",
+           "le montant était de {AMOUNT}", "le bureau a déménagé au {STREET}",
+           "j'ai rendez-vous avec {ORG}", "son numéro de passeport est {PASSPORT}"],
+    "es": ["{PERSON} llamó esta mañana", "el paquete va a {ADDRESS}",
+           "vi a {FIRST} en el aeropuerto", "{ORG} devolvió el contrato",
+           "la reunión será en {CITY}", "su nuevo número es {PHONE}",
+           "escribe a {EMAIL}", "el pago vino de {IBAN}", "cargaron {AMOUNT} a la tarjeta {CARD}",
+           "el acceso vino de {IP}", "todo está en {URL}", "caduca el {DATE}",
+           "pregúntale a {FIRST}", "la señora {LAST} está de vacaciones",
+           "nos mudamos a {COUNTRY}", "nadie contestó", "la oficina está en {STREET}",
+           "mañana hablo con {ORG}", "su DNI es {SSN}"],
+    "it": ["{PERSON} ha chiamato stamattina", "il pacco va a {ADDRESS}",
+           "ho visto {FIRST} in stazione", "{ORG} ha rispedito il contratto",
+           "la riunione sarà a {CITY}", "il suo nuovo numero è {PHONE}",
+           "scrivi a {EMAIL}", "il bonifico arriva da {IBAN}",
+           "sulla carta {CARD} c'è un addebito", "l'accesso veniva da {IP}",
+           "è tutto su {URL}", "scade il {DATE}", "chiedi a {FIRST}",
+           "la signora {LAST} è in ferie", "ci trasferiamo in {COUNTRY}",
+           "nessuno ha risposto", "l'ufficio è in {STREET}", "domani sento {ORG}",
+           "il totale era {AMOUNT}"],
+    "nl": ["{PERSON} belde vanochtend", "het pakket gaat naar {ADDRESS}",
+           "ik zag {FIRST} op het station", "{ORG} heeft het contract teruggestuurd",
+           "de vergadering is in {CITY}", "haar nieuwe nummer is {PHONE}",
+           "mail gerust naar {EMAIL}", "de betaling kwam van {IBAN}",
+           "kaart {CARD} is belast", "de login kwam van {IP}", "alles staat op {URL}",
+           "het verloopt op {DATE}", "vraag het aan {FIRST}", "mevrouw {LAST} is met verlof",
+           "we verhuizen naar {COUNTRY}", "niemand nam op", "het kantoor zit aan {STREET}",
+           "morgen bel ik met {ORG}", "het bedrag was {AMOUNT}"],
+}
+CONNECTORS: dict[str, list[str]] = {
+    "en": [", and ", ". ", "; ", " - ", ", but ", " because ", " and ", ", so ", ". Also, "],
+    "de": [", und ", ". ", "; ", " - ", ", aber ", ", weil ", " und ", ". Außerdem "],
+    "fr": [", et ", ". ", "; ", " - ", ", mais ", " parce que ", " et ", ". Par ailleurs, "],
+    "es": [", y ", ". ", "; ", " - ", ", pero ", " porque ", " y ", ". Además, "],
+    "it": [", e ", ". ", "; ", " - ", ", ma ", " perché ", " e ", ". Inoltre, "],
+    "nl": [", en ", ". ", "; ", " - ", ", maar ", " omdat ", " en ", ". Verder "],
+}
+
+# Training-only contexts: greetings before and sign-offs after a sentence, with a name in them
+# (names next to everyday words, commas and line breaks). The held-out set keeps only its own
+# openers and closers above.
+GREETINGS: dict[str, list[str]] = {
+    "en": ["Hi {FIRST},", "Hello {FIRST},", "Dear {PERSON},", "Dear Mr. {LAST},", "Dear Dr {LAST},",
+           "Good morning {FIRST},", "Morning {FIRST}!", "Hi {FIRST} and {FIRST},", "@{FIRST}",
+           "{FIRST} -", "Thanks {FIRST}.", "Hello {PERSON},", "Dear Mrs {LAST},", "Yo {FIRST},",
+           "Evening {FIRST},", "Hiya {FIRST}!"],
+    "de": ["Hallo {FIRST},", "Liebe {FIRST},", "Lieber {FIRST},", "Sehr geehrte Frau {LAST},",
+           "Sehr geehrter Herr Dr. {LAST},", "Moin {FIRST},", "Guten Morgen {FIRST},",
+           "Hi {FIRST},", "Servus {FIRST},"],
+    "fr": ["Bonjour {FIRST},", "Cher {FIRST},", "Chère {FIRST},", "Madame {LAST},",
+           "Monsieur {LAST},", "Coucou {FIRST} !", "Bonsoir {PERSON},", "Cher Monsieur {LAST},"],
+    "es": ["Hola {FIRST},", "Estimado {PERSON}:", "Querida {FIRST},", "Buenas {FIRST},",
+           "Estimada Sra. {LAST}:", "Buenos días, {FIRST}:", "Querido {FIRST}:"],
+    "it": ["Ciao {FIRST},", "Gentile {PERSON},", "Caro {FIRST},", "Cara {FIRST},",
+           "Gentile dott. {LAST},", "Buongiorno {FIRST},", "Egregio sig. {LAST},"],
+    "nl": ["Hoi {FIRST},", "Beste {FIRST},", "Geachte heer {LAST},", "Dag {FIRST},",
+           "Beste mevrouw {LAST},", "Hallo {PERSON},", "Goedemorgen {FIRST},"],
+}
+SIGNOFFS: dict[str, list[str]] = {
+    "en": ["Best, {FIRST}", "Thanks,\n{PERSON}", "-- {PERSON}", "Sent by {PERSON}",
+           "Cheers, {FIRST}", "Regards,\n{PERSON}\n{ORG}", "Thanks again, {FIRST}",
+           "{FIRST} ({ORG})", "Warm regards, {PERSON}", "Talk soon, {FIRST}", "- {FIRST}",
+           "Yours sincerely, {PERSON}", "Best,\n{PERSON} | {JOB}"],
+    "de": ["Viele Grüße\n{PERSON}", "LG {FIRST}", "Gruß, {FIRST}", "Freundliche Grüße, {PERSON}",
+           "Beste Grüße aus {CITY}, {FIRST}", "Dein {FIRST}", "Herzliche Grüße\n{PERSON}, {ORG}"],
+    "fr": ["Bien à vous, {PERSON}", "Amicalement, {FIRST}", "Cordialement,\n{PERSON}",
+           "Bises, {FIRST}", "À bientôt, {FIRST}", "Sincères salutations, {PERSON}"],
+    "es": ["Saludos, {FIRST}", "Atentamente, {PERSON}", "Un abrazo, {FIRST}",
+           "Gracias,\n{PERSON}", "Hasta pronto, {FIRST}"],
+    "it": ["Saluti, {FIRST}", "Un saluto, {PERSON}", "A presto, {FIRST}", "Grazie,\n{PERSON}",
+           "Distinti saluti, {PERSON}"],
+    "nl": ["Groetjes, {FIRST}", "Mvg, {PERSON}", "Hartelijke groet,\n{PERSON}",
+           "Tot snel, {FIRST}", "Vriendelijke groeten, {PERSON}"],
+}
+
 # ----------------------------------------------------------------------------- structured records
 
 # Field keys for key-value records, per language; the field decides the entity of the value.
@@ -625,6 +736,12 @@ FORM_LAYOUTS: list[tuple[str, str]] = [
     (": ", "\n"), (": ", ", "), (": ", " | "), (" - ", "\n"), ("=", " "), (": ", "; "),
     ("\t", "\n"), (" : ", " / "), (": ", "  "), ("=", "&"),
 ]
+
+# Training-only record layouts: every pairing of these key/value and field separators. None of
+# them is a separator of a held-out layout ("/" and "|" stay unseen in records).
+TRAIN_KV_SEPARATORS: list[str] = [": ", ":", " = ", " -> ", " – ", "\t", " :: ", " > "]
+TRAIN_FIELD_SEPARATORS: list[str] = ["\n", ", ", "; ", " · ", " • ", " ; ", " -- ", "\n- ",
+                                     "   ", " ~ ", " # ", "\n\n", " + ", " – ", ",\n", " * "]
 
 # ----------------------------------------------------------------------------- word lists
 

@@ -4,7 +4,8 @@
 
 1. Generate a synthetic corpus (``data.Generator``, train templates, seed S) and a held-out set
    (held-out templates, seed S + 1).
-2. Train a cased WordPiece tokenizer on the training texts.
+2. Train a cased WordPiece tokenizer on the training texts and add the most frequent words of
+   each language (``wordfreq``) as whole entries; digits are one token each.
 3. Train a BertForTokenClassification from scratch with a plain PyTorch loop (AdamW, linear
    warmup and decay, length-bucketed batches, bf16 autocast). Every subword is labelled (B- on an
    entity's first token, I- on the rest); [CLS]/[SEP] are O, padding is -100.
@@ -48,7 +49,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=140_000)
     p.add_argument("--heldout-size", type=int, default=2_000)
     p.add_argument("--natural", type=Path, default=HERE / "eval_natural.jsonl")
-    p.add_argument("--vocab-size", type=int, default=10_000)
+    p.add_argument("--vocab-size", type=int, default=8_000, help="trained WordPiece pieces")
+    p.add_argument("--common-words", type=int, default=1500,
+                   help="add each language's N most frequent words (wordfreq) to the vocabulary "
+                        "as whole entries, on top of --vocab-size trained pieces")
+    p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=True,
+                   help="one token per digit (numbers are not merged into vocabulary pieces)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="reuse this tokenizer.json instead of training one (the WordPiece "
                         "trainer breaks ties in hash order, so only this reproduces a "
@@ -97,17 +103,28 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
-    """Cased BERT WordPiece: BertNormalizer(lowercase=False), BertPreTokenizer, [CLS] $A [SEP]."""
+def train_tokenizer(texts: Sequence[str], vocab_size: int, split_digits: bool,
+                    words: Sequence[str] = ()) -> Tokenizer:
+    """Cased BERT WordPiece: BertNormalizer(lowercase=False), BertPreTokenizer (then one token
+    per digit if ``split_digits``), [CLS] $A [SEP]. ``vocab_size`` pieces are trained on
+    ``texts``; ``words`` are then added as whole entries (WordPiece matches the longest entry
+    first, so they become single tokens)."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False,
                                                 clean_text=True, handle_chinese_chars=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Digits(individual_digits=True)])
     tok.decoder = decoders.WordPiece(prefix="##")
     alphabet = [chr(c) for c in (*range(33, 127), *range(0xC0, 0x180)) if chr(c).isprintable()]
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
                                continuing_subword_prefix="##", initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    vocab = tok.get_vocab()
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tok.model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -168,6 +185,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, pad_id: int
         max_position_embeddings=512, type_vocab_size=2, pad_token_id=pad_id,
         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
         id2label=dict(enumerate(D.LABELS)), label2id=dict(D.LABEL2ID),
+        attn_implementation="eager",  # ~20% faster than SDPA on these small padded CPU batches
     )
     return BertForTokenClassification(config)
 
@@ -301,8 +319,10 @@ def fill_card(card: str, metrics: dict) -> str:
                         f"{m['f1-score']:.3f} | {int(m['support'])} |")
         return "\n".join(rows)
 
+    args = metrics["args"]
     values = {
         "command": metrics["command"], "train_minutes": f"{metrics['train_minutes']:.1f}",
+        "train_cpu_minutes": f"{metrics['train_cpu_minutes']:.1f}",
         "device": metrics["device"], "size_mb": f"{metrics['size_mb']:.1f}",
         "params_m": f"{metrics['params_m']:.1f}",
         "heldout_f1": f"{metrics['heldout']['f1']:.3f}",
@@ -315,6 +335,9 @@ def fill_card(card: str, metrics: dict) -> str:
         "natural_n": str(metrics["natural"]["sentences"]),
         "train_n": str(metrics["train_sentences"]),
         "heldout_table": per_type_table("heldout"), "natural_table": per_type_table("natural"),
+        "vocab_size": args["vocab_size"], "common_words": args["common_words"],
+        "tokenizer_pieces": str(metrics["tokenizer_pieces"]),
+        "digits": "one token per digit" if args["split_digits"] == "True" else "merged in pieces",
     }
     for key, value in values.items():
         card = card.replace("{{" + key + "}}", value)
@@ -339,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if args.tokenizer:
         tok = Tokenizer.from_file(str(args.tokenizer))
     else:
-        tok = train_tokenizer([ex.text for ex in train_set] + D.common_text(), args.vocab_size)
+        tok = train_tokenizer([ex.text for ex in train_set] + D.common_text(), args.vocab_size,
+                              args.split_digits, D.common_words(args.common_words))
     pad_id = tok.token_to_id("[PAD]")
     rows = encode_all(tok, train_set, args.max_len, special=D.LABEL2ID["O"])
     print(f"tokenizer: {tok.get_vocab_size()} pieces; {sum(len(r[0]) for r in rows)} train "
@@ -352,7 +376,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     metrics: dict[str, object] = {
         "command": " ".join(["python training/train_pii.py", *argv]),
         "device": describe_device(args), "train_minutes": round(train_minutes, 2),
+        "train_cpu_minutes": round(time.process_time() / 60, 2),
         "params_m": round(params / 1e6, 2), "train_sentences": len(train_set),
+        "tokenizer_pieces": tok.get_vocab_size(),
         "args": {k: str(v) for k, v in vars(args).items()},
         "heldout": evaluate(model, tok, heldout, args.max_len, "held-out synthetic"),
         "natural": evaluate(model, tok, natural, args.max_len, "natural sentences"),
