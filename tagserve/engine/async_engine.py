@@ -2,10 +2,11 @@
 
 One background thread owns the model. It loops on `LLMEngine.step` (which packs waiting
 requests into batches under the token budget and runs them) and hands each finished request
-back to the event loop that submitted it. Tokenization and chat rendering run in a small
-thread pool (the Rust tokenizer releases the GIL), so the event loop never waits on the
-tokenizer or the model. Requests whose client has gone are marked cancelled and dropped
-before they run.
+back to the event loop that submitted it, one wake-up per batch and loop. Tokenization and
+chat rendering run in a small thread pool (the Rust tokenizer releases the GIL), so the event
+loop never waits on the tokenizer or the model; `encode_prompts` even queues from there, so a
+server request costs the event loop no hop but the one that brings its results. Requests
+whose client has gone are marked cancelled and dropped before they run.
 """
 
 from __future__ import annotations

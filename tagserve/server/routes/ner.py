@@ -8,7 +8,6 @@ the same forward passes as all other traffic, `/pooling`'s included.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ from tagserve.postprocess.redact import redact
 from tagserve.server.disconnect import cancel_on_disconnect
 from tagserve.server.errors import RequestTooLargeError
 from tagserve.server.ner_protocol import NerRequest, NerResponse, RedactRequest, RedactResponse
-from tagserve.server.routes.common import ERROR_RESPONSES, require_json
+from tagserve.server.routes.common import ERROR_RESPONSES, random_id, require_json
 from tagserve.server.routes.pooling import INLINE_RESPONSE_TOKENS
 from tagserve.server.state import ServerState, State
 
@@ -56,7 +55,7 @@ async def _respond(state: ServerState, request: Request, request_id: str | None,
                    prefix: str, prompt_tokens: int,
                    build: Callable[[], list[dict[str, Any]]]) -> Response:
     """The response around `build()`'s data items, made in the thread pool when large."""
-    request_id = request.headers.get("x-request-id") or request_id or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or request_id or random_id()
     created = int(time.time())
 
     def render() -> Response:

@@ -2,8 +2,9 @@
 
 Two doors to the same `pool` function: the FastAPI route (OpenAPI schema, and every error
 answer), and `FastPoolingMiddleware` in front of it, which answers valid JSON requests without
-FastAPI's per-request machinery (dependency solving, a worker thread for sync dependencies,
-a task pair per request) and hands anything it would not validate to the route unchanged.
+FastAPI's per-request machinery (routing, dependency solving, a worker thread for the sync
+dependencies) and hands anything it would not validate to the route unchanged. Tests check
+that both doors answer every body byte for byte alike.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-import uuid
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import TypeAdapter
@@ -28,7 +28,7 @@ from tagserve.server.errors import exception_response
 from tagserve.server.middleware import read_body, replay_body
 from tagserve.server.prompts import completion_prompts, render_chat
 from tagserve.server.protocol import PoolingCompletionRequest, PoolingRequest, PoolingResponse
-from tagserve.server.routes.common import ERROR_RESPONSES, require_json
+from tagserve.server.routes.common import ERROR_RESPONSES, random_id, require_json
 from tagserve.server.state import ServerState, State
 
 router = APIRouter()
@@ -63,7 +63,8 @@ def _check_unsupported_fields(body: PoolingRequest) -> None:
                               parameter="cache_salt")
 
 
-async def pool(body: PoolingRequest, state: ServerState, header_request_id: str | None) -> Response:
+async def pool(body: PoolingRequest, state: ServerState,
+               header_request_id: str | None) -> Response:
     """Validate the options, tokenize, run the engine and build the response."""
     engine = state.engine
     config = engine.model_config
@@ -81,7 +82,7 @@ async def pool(body: PoolingRequest, state: ServerState, header_request_id: str 
         prompts = [await render_chat(engine, body)]
     outputs, prompt_tokens = await engine.encode_prompts(prompts, tokenize_params, params)
     state.metrics.prompt_tokens.inc(prompt_tokens)
-    request_id = header_request_id or body.request_id or uuid.uuid4().hex
+    request_id = header_request_id or body.request_id or random_id()
     info = ResponseInfo(f"pooling-{request_id}", int(time.time()), model, prompt_tokens)
     build = functools.partial(pooling_response, outputs, info, body.encoding_format,
                               body.embed_dtype, body.endianness)

@@ -1,0 +1,138 @@
+"""Interleaved A/B of the server front end: server CPU per request, on the event loop and in all.
+
+`serve_load.py` measures what a client sees; on a small shared machine its Python clients take
+most of the CPU and the numbers swing with the neighbours' load. This script instead starts one
+`tagserve serve` per source tree (e.g. a `git archive` of the commit before a change and one
+after), sends each the same `/pooling` bodies from a raw keep-alive HTTP client (nearly no
+client CPU), alternates rounds between the servers so that drift hits both alike, and reports
+medians over rounds of the CPU time the server spent per request: all threads, and its main
+thread (the event loop, where the front end runs). Example:
+
+    python benchmarks/front_end_ab.py /tmp/before /tmp/after --model W1 --smoke --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_load import LOADS, free_port, request_bodies, server_cpu  # noqa: E402
+from workloads import WORKLOADS, build_checkpoint, make_corpus, smoke_spec  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("trees", nargs="+", type=Path, help="source trees to serve from")
+    p.add_argument("--model", default="W1", help="a benchmark workload name")
+    p.add_argument("--smoke", action="store_true", help="the workload's tiny shape")
+    p.add_argument("--workload", default="W3", choices=sorted(LOADS))
+    p.add_argument("--requests", type=int, default=200, help="requests per round")
+    p.add_argument("--concurrency", type=int, help="default: 32 for W3, 1 for W5")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--server-args", default="--max-num-batched-tokens 32768 --max-num-seqs 1024",
+                   help="flags for `tagserve serve` (shared by all trees)")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"))
+    return p.parse_args()
+
+
+def start(tree: Path, model: Path, server_args: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tagserve.cli", "serve", str(model), "--port", str(port),
+           "--device", "cpu", "--served-model-name", "bench", "--log-level", "warning",
+           *server_args.split()]
+    proc = subprocess.Popen(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the server from {tree} did not start")
+
+
+async def _connection(port: int, requests: list[bytes], latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for request in requests:
+        start = time.perf_counter()
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError((head + body[:300]).decode(errors="replace"))
+        latencies.append(time.perf_counter() - start)
+    writer.close()
+
+
+async def send_all(port: int, bodies: list[bytes], concurrency: int) -> tuple[list[float], float]:
+    """Every body over `concurrency` keep-alive connections: latencies (s) and wall time."""
+    requests = [b"POST /pooling HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies]
+    latencies: list[float] = []
+    start = time.perf_counter()
+    await asyncio.gather(*(_connection(port, requests[i::concurrency], latencies)
+                           for i in range(concurrency)))
+    return latencies, time.perf_counter() - start
+
+
+def measure(proc: subprocess.Popen, port: int, bodies: list[bytes], concurrency: int) -> dict:
+    before = server_cpu(proc.pid)
+    latencies, wall = asyncio.run(send_all(port, bodies, concurrency))
+    after = server_cpu(proc.pid)
+    ms = np.array(latencies) * 1e3
+    return {"req_s": len(ms) / wall, "p50_ms": np.percentile(ms, 50),
+            "p99_ms": np.percentile(ms, 99),
+            "server_cpu_ms": (after[0] - before[0]) / len(ms) * 1e3,
+            "loop_cpu_ms": (after[1] - before[1]) / len(ms) * 1e3}
+
+
+def main() -> None:
+    args = parse_args()
+    spec = WORKLOADS[args.model]
+    model = build_checkpoint(smoke_spec(spec) if args.smoke else spec, args.cache)
+    from transformers import AutoTokenizer
+
+    per_request, tokens, _ = LOADS[args.workload]
+    concurrency = args.concurrency or (32 if per_request > 1 else 1)
+    words = [t.split() for t in make_corpus("short50", per_request * 64,
+                                            AutoTokenizer.from_pretrained(model), 512).texts]
+    texts = [" ".join(w[: max(1, int(len(w) * tokens / 50))]) for w in words]
+    bodies = request_bodies(texts, per_request, args.requests, "float")
+    servers = [(tree, *start(tree, model, args.server_args)) for tree in args.trees]
+    rounds: dict[Path, list[dict]] = {tree: [] for tree in args.trees}
+    try:
+        for _, proc, port in servers:
+            measure(proc, port, bodies[:64], concurrency)  # warm-up
+        for _ in range(args.rounds):
+            for tree, proc, port in servers:
+                rounds[tree].append(measure(proc, port, bodies, concurrency))
+    finally:
+        for _, proc, _ in servers:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"# front_end_ab: {' '.join(sys.argv[1:])}\n")
+    print("| tree | req/s | p50 ms | p99 ms | server CPU ms/req | event loop CPU ms/req |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    for tree, rows in rounds.items():
+        med = {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
+        print(f"| {tree} | {med['req_s']:,.0f} | {med['p50_ms']:.1f} | {med['p99_ms']:.1f} | "
+              f"{med['server_cpu_ms']:.2f} | {med['loop_cpu_ms']:.2f} |")
+        print(json.dumps({"tree": str(tree), **med}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
