@@ -14,6 +14,7 @@ from tagserve import LLM
 from tagserve.engine.async_engine import AsyncEngine
 from tagserve.errors import ValidationError
 from tagserve.postprocess.bio import BioScheme
+from tagserve.postprocess.entities import row_argmax, row_max, softmax
 from tagserve.postprocess.ner import NerOptions, jsonable, ner_async
 
 from checkpoints import LABELS, sentences
@@ -181,3 +182,36 @@ def test_async_entry_point_and_json(bert_path, bert):
     data = json.loads(json.dumps(jsonable(got)))
     assert data[1][0]["score"] == pytest.approx(float(got[1][0]["score"]))
     assert isinstance(data[1][0]["score"], float)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_repeated_and_unknown_words_match_pipeline(make_checkpoint, family):
+    """Words are decoded once per distinct group of tokens (cached by token ids): repeats of
+    short and long groups in one call, and unknown tokens, whose word is their text, must
+    still give the pipeline's words (all groups shown, "O" included)."""
+    path = make_checkpoint(family)
+    llm = LLM(str(path), device="cpu")
+    texts = [f"{a} met Zoë Müller-Lüdenscheidt in {b} {c}"
+             for a in ("Ana", "Bob", "Ana") for b in ("☃", "✈", "Oslo") for c in ("🙂", "x")]
+    texts += ["Supercalifragilisticexpialidocious " * 3, "a" * 150 + " b", "☃✈ 🙂"]
+    for strategy in STRATEGIES:
+        ours = llm.ner(texts, aggregation_strategy=strategy, ignore_labels=[])
+        theirs = run_hf(path, texts, aggregation_strategy=strategy, ignore_labels=[])
+        for text, a, b in zip(texts, ours, theirs, strict=True):
+            assert_same_entities(a, b, (family, strategy, text))
+
+
+def test_row_argmax_matches_numpy():
+    """The column-by-column argmax and max equal numpy's, ties (first wins) and NaN included."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(500, 9)).astype(np.float32)  # many ties
+    x[7, 3] = np.nan
+    x[8, [2, 5]] = np.nan
+    x[9] = np.nan
+    for rows in (x[:7], x, x[:, :1], x[:0]):
+        assert np.array_equal(row_argmax(rows), rows.argmax(axis=1))
+        assert np.array_equal(row_max(rows), rows.max(axis=1), equal_nan=True)
+    logits = rng.standard_normal((300, 9)).astype(np.float32) * 8
+    expected = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    expected /= expected.sum(axis=-1, keepdims=True)
+    assert softmax(logits).tobytes() == expected.tobytes()  # transformers' float32 softmax

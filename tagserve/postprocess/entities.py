@@ -1,9 +1,10 @@
 """Entities from per-token label probabilities, as transformers' `TokenClassificationPipeline`.
 
-All sequences of a call are flattened into one table of non-special tokens, so that labels,
-word grouping and entity grouping are a handful of numpy operations over the whole
-`[tokens, labels]` matrix; Python only builds the dicts (and decodes the words) of the entities
-that are returned. The pipeline's behaviour is kept, quirks included:
+All sequences of a call are one flat table of tokens (`Sequences`), so that labels, word
+grouping and entity grouping are a handful of numpy operations over the whole `[tokens, labels]`
+matrix; Python only builds the returned dicts, from lists converted once, and decodes each
+distinct `word` once (cached by its token ids). The pipeline's behaviour is kept, quirks
+included:
 
 - sub-words (for first/average/max): with a continuing-subword prefix (WordPiece "##"), a token
   whose string length differs from its text span; otherwise the "no space before or at the
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,46 +34,139 @@ from tagserve.postprocess.windows import Window
 
 STRATEGIES = ("none", "simple", "first", "average", "max")
 BIO_MODES = (None, "repair", "viterbi")
+# Distinct words remembered by an `Aggregator` (the cache is emptied when it grows past this).
+WORD_CACHE_SIZE = 1 << 16
 
 
 @dataclass
-class Scored:
-    """One sequence to aggregate: the text its offsets index, its tokens, their probabilities."""
+class Sequences:
+    """Sequences to aggregate as one table: per sequence the text its offsets index and its
+    length; per token (special tokens included) its id, char span, special flag and label
+    probabilities."""
 
-    text: str
-    window: Window
-    probs: np.ndarray  # [n, labels] float32
+    texts: list[str]
+    lengths: np.ndarray  # [S] int64
+    ids: np.ndarray  # [N] int64
+    offsets: np.ndarray  # [N, 2] int64
+    special: np.ndarray  # [N] bool
+    probs: np.ndarray  # [N, labels] float32
+
+    @classmethod
+    def of(cls, texts: Sequence[str], windows: Sequence[Window],
+           probs: np.ndarray) -> Sequences:
+        """`windows[i]` is a window of `texts[i]`; `probs` holds their rows, concatenated."""
+        if not windows:
+            return cls([], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                       np.zeros((0, 2), np.int64), np.zeros(0, bool), probs)
+        return cls(list(texts), np.array([len(w.ids) for w in windows], dtype=np.int64),
+                   np.concatenate([w.ids for w in windows]),
+                   np.concatenate([w.offsets for w in windows]),
+                   np.concatenate([w.special for w in windows]), probs)
 
 
 @dataclass
 class Tagged:
-    """Aggregation of one sequence: its entities and, per non-special token, the label it got."""
+    """Aggregation of `Sequences`: each sequence's entities and, per non-special token of all
+    sequences, its position in its sequence, the label it got and that label's probability."""
 
-    entities: list[dict[str, Any]]
-    token_index: np.ndarray  # positions of the non-special tokens in the sequence
+    entities: list[list[dict[str, Any]]]
+    bounds: np.ndarray  # [S + 1]: sequence i's tokens are rows bounds[i]:bounds[i + 1] below
+    token_index: np.ndarray
     token_labels: np.ndarray
     token_scores: np.ndarray
 
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sequence i's non-special tokens: positions, labels, scores."""
+        at = slice(self.bounds[i], self.bounds[i + 1])
+        return self.token_index[at], self.token_labels[at], self.token_scores[at]
+
+
+def row_max(x: np.ndarray) -> np.ndarray:
+    """`x.max(axis=1)` of a `[rows, labels]` array, column by column: numpy's reduction over a
+    short last axis costs ~100 ns a row, a column at a time ~1 ns (the maximum is exact, in
+    any order)."""
+    if not 0 < x.shape[1] <= 64:
+        return x.max(axis=1)
+    top = x[:, 0].copy()
+    for j in range(1, x.shape[1]):
+        np.maximum(top, x[:, j], out=top)
+    return top
+
+
+def row_argmax(x: np.ndarray) -> np.ndarray:
+    """`x.argmax(axis=1)` (the first of equal maxima), column by column as `row_max`."""
+    top = row_max(x)
+    if not 0 < x.shape[1] <= 64 or np.isnan(top).any():  # argmax's NaN rule: numpy's
+        return x.argmax(axis=1)
+    labels = np.zeros(len(x), dtype=np.int64)
+    for j in range(x.shape[1] - 1, 0, -1):
+        np.copyto(labels, j, where=x[:, j] == top)
+    np.copyto(labels, 0, where=x[:, 0] == top)
+    return labels
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """transformers' float32 softmax over the last axis."""
+    """transformers' float32 softmax over the last axis of `[rows, labels]` logits (the sum is
+    numpy's own reduction, for the same rounding)."""
     logits = logits.astype(np.float32, copy=False)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+    shifted = logits - row_max(logits)[:, None]
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=-1, keepdims=True)
+    return shifted
 
 
 def _tag(label: str) -> str:
     return label[2:] if label.startswith(("B-", "I-")) else label
 
 
+def _split(items: list[Any], owner: np.ndarray, count: int) -> list[list[Any]]:
+    """`items` (in order of their `owner`, a sorted index below `count`) as one list per
+    owner."""
+    bounds = np.append(0, np.cumsum(np.bincount(owner, minlength=count))).tolist()
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+@dataclass
+class _Table:
+    """The non-special tokens of `Sequences`, in order."""
+
+    seqs: Sequences
+    seq_of: np.ndarray  # [n] the token's sequence
+    index: np.ndarray  # [n] its position in its sequence, special tokens counted
+    ids: np.ndarray
+    offsets: np.ndarray
+    probs: np.ndarray
+    seq_first: np.ndarray  # [n] bool: the first token of its sequence
+    bounds: np.ndarray  # [S + 1]
+
+    @classmethod
+    def of(cls, seqs: Sequences) -> _Table:
+        keep = np.flatnonzero(~seqs.special)
+        seq_start = np.cumsum(seqs.lengths) - seqs.lengths
+        kept = np.append(0, np.cumsum(~seqs.special))
+        bounds = kept[np.append(seq_start, len(seqs.special))]
+        counts = np.diff(bounds)
+        seq_of = np.repeat(np.arange(len(counts)), counts)
+        seq_first = np.zeros(len(keep), dtype=bool)
+        seq_first[bounds[:-1][counts > 0]] = True
+        return cls(seqs, seq_of, keep - seq_start[seq_of], seqs.ids[keep],
+                   np.take(seqs.offsets, keep, axis=0),
+                   np.take(seqs.probs, keep, axis=0).astype(np.float32, copy=False), seq_first,
+                   bounds)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 class Aggregator:
-    """Turns `Scored` sequences into entity dicts for one strategy and set of filters."""
+    """Turns `Sequences` into entity dicts for one strategy and set of filters."""
 
     def __init__(self, tokenizer: Tokenizer, id2label: Mapping[int, str], strategy: str = "simple",
                  ignore_labels: Collection[str] = ("O",), *, threshold: float | None = None,
                  labels: Collection[str] | None = None, bio: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.strategy = strategy
+        self.by_word = strategy not in ("none", "simple")
         self.bio = bio
         self.threshold = threshold
         self.names = [id2label[i] for i in range(len(id2label))]
@@ -82,6 +176,7 @@ class Aggregator:
         self.tag_id = np.array([tag_ids[t] for t in tags], dtype=np.int64)
         self.is_begin = np.array([name.startswith("B-") for name in self.names])
         shown = self.names if strategy == "none" else self.group_names
+        self._shown_names = np.array(shown, dtype=object)
         wanted = set(ignore_labels)
         self.kept = np.array([name not in wanted for name in shown])
         if labels is not None:  # the shown name; for "none" also the label's tag
@@ -95,64 +190,43 @@ class Aggregator:
         # `convert_tokens_to_string` of a tuple of token strings; words repeat a lot.
         self._join = functools.lru_cache(maxsize=1 << 16)(
             lambda tokens: tokenizer.convert_tokens_to_string(list(tokens)))
+        # Each distinct group's `word` by its key (see `_group_words`); groups of up to
+        # `_pack_tokens` tokens have an int64 key, `_pack_bits` bits a token.
+        self._words: dict[int | bytes, str] = {}
+        self._pack_bits = (2 * len(self.vocab) + 2).bit_length()
+        self._pack_tokens = 63 // self._pack_bits
 
-    def __call__(self, seqs: list[Scored]) -> list[Tagged]:
-        keep = [np.flatnonzero(~s.window.special) for s in seqs]
-        counts = np.array([len(k) for k in keep], dtype=np.int64)
-        n = int(counts.sum())
-        index = np.concatenate(keep) if seqs else np.zeros(0, np.int64)
+    def __call__(self, seqs: Sequences) -> Tagged:
+        table = _Table.of(seqs)
+        n = len(table)
         if n == 0:
-            empty = np.zeros(0, np.int64)
-            return [Tagged([], empty, empty, np.zeros(0, np.float32)) for _ in seqs]
-        seq_of = np.repeat(np.arange(len(seqs)), counts)
-        ids = np.concatenate([s.window.ids[k] for s, k in zip(seqs, keep, strict=True)])
-        offsets = np.concatenate([s.window.offsets[k] for s, k in zip(seqs, keep, strict=True)])
-        probs = np.concatenate([s.probs[k] for s, k in zip(seqs, keep, strict=True)])
-        probs = probs.astype(np.float32, copy=False)
-        seq_first = np.zeros(n, dtype=bool)
-        seq_first[(np.cumsum(counts) - counts)[counts > 0]] = True
-
+            none = np.zeros(0, np.int64)
+            return Tagged([[] for _ in seqs.texts], table.bounds, none, none,
+                          np.zeros(0, np.float32))
         # Units: tokens, or words for first/average/max.
-        by_word = self.strategy not in ("none", "simple")
-        opens = (seq_first | ~self._is_subword(seqs, seq_of, ids, offsets) if by_word
+        opens = (table.seq_first | ~self._is_subword(table) if self.by_word
                  else np.ones(n, dtype=bool))
         starts = np.flatnonzero(opens)
         unit_of = np.cumsum(opens) - 1
-        unit_probs = self._word_probs(probs, starts, unit_of) if by_word else probs
-        unit_seq = seq_of[starts]
-        scored = self._decide(unit_probs, seq_first[starts])
+        unit_probs = self._word_probs(table.probs, starts, unit_of) if self.by_word \
+            else table.probs
+        scored = self._decide(unit_probs, table.seq_first[starts])
         scores = unit_probs[np.arange(len(starts)), scored]
-        token_scores = probs[np.arange(n), scored[unit_of]]
         # BIO repair renames labels (I-X -> B-X) but keeps the model's score for them.
-        labels = (self.scheme.repair(scored, seq_first[starts]) if self.bio == "repair"
+        labels = (self.scheme.repair(scored, table.seq_first[starts]) if self.bio == "repair"
                   else scored)
-        token_labels = labels[unit_of]
-
-        ends = np.append(starts[1:], n) - 1  # last token of each unit
-        results: list[list[dict[str, Any]]] = [[] for _ in seqs]
+        ends = np.append(starts[1:], n)  # each unit's tokens: starts[u]:ends[u]
         if self.strategy == "none":
-            shown = np.flatnonzero(self._passes(labels, scores))
-            if len(shown):
-                tokens = self._token_strings(seqs, seq_of, ids, offsets)
-                for u, seq, label, score, idx, start, end in zip(
-                        shown.tolist(), seq_of[shown].tolist(), labels[shown].tolist(),
-                        scores[shown], index[shown].tolist(), offsets[shown, 0].tolist(),
-                        offsets[shown, 1].tolist(), strict=True):
-                    results[seq].append({"entity": self.names[label], "score": score,
-                                         "index": idx, "word": tokens[u], "start": start,
-                                         "end": end})
+            entities = self._token_entities(table, labels, scores)
         else:
-            self._group(results, labels, scores, starts, ends, unit_seq,
-                        lambda: self._token_strings(seqs, seq_of, ids, offsets), offsets)
-        bounds = np.append(0, np.cumsum(counts))
-        return [Tagged(results[i], index[a:b], token_labels[a:b], token_scores[a:b])
-                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+            entities = self._group_entities(table, labels, scores, starts, ends, opens)
+        return Tagged(entities, table.bounds, table.index, labels[unit_of],
+                      table.probs[np.arange(n), scored[unit_of]])
 
-    def _is_subword(self, seqs: list[Scored], seq_of: np.ndarray, ids: np.ndarray,
-                    offsets: np.ndarray) -> np.ndarray:
-        start = offsets[:, 0]
+    def _is_subword(self, table: _Table) -> np.ndarray:
+        ids, start = table.ids, table.offsets[:, 0]
         if self.tokenizer.continuing_subword_prefix:
-            sub = self.token_lengths[ids] != offsets[:, 1] - start
+            sub = self.token_lengths[ids] != table.offsets[:, 1] - start
         else:
             warnings.warn("Tokenizer does not support real words, using fallback heuristic",
                           UserWarning, stacklevel=3)
@@ -160,12 +234,12 @@ class Aggregator:
             # points joined with a NUL after each, so text[len(text)] is never a space. The
             # windows of a document share its text: it is joined once.
             texts: dict[int, tuple[int, str]] = {}
-            text_of = np.array([texts.setdefault(id(s.text), (len(texts), s.text))[0]
-                                for s in seqs], dtype=np.int64)
+            text_of = np.array([texts.setdefault(id(text), (len(texts), text))[0]
+                                for text in table.seqs.texts], dtype=np.int64)
             unique = [text for _, text in texts.values()]
             codes = np.frombuffer(("\0".join(unique) + "\0").encode("utf-32-le"), np.uint32)
             lengths = np.array([len(text) + 1 for text in unique], dtype=np.int64)
-            at = (np.cumsum(lengths) - lengths)[text_of[seq_of]] + start
+            at = (np.cumsum(lengths) - lengths)[text_of[table.seq_of]] + start
             space = codes == ord(" ")
             sub = (start > 0) & ~space[np.maximum(at - 1, 0)] & ~space[at]
         return sub & (ids != self.unk_id)
@@ -186,7 +260,7 @@ class Aggregator:
     def _decide(self, probs: np.ndarray, opens: np.ndarray) -> np.ndarray:
         """Each unit's label: the argmax, or the best valid BIO path of its sequence."""
         if self.bio != "viterbi":
-            return probs.argmax(axis=1)
+            return row_argmax(probs)
         bounds = np.append(np.flatnonzero(opens), len(probs))
         return np.concatenate([self.scheme.viterbi(probs[a:b])
                                for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
@@ -195,10 +269,31 @@ class Aggregator:
         keep = self.kept[labels]
         return keep if self.threshold is None else keep & (scores >= self.threshold)
 
-    def _group(self, results: list[list[dict[str, Any]]], labels: np.ndarray,
-               scores: np.ndarray, starts: np.ndarray, ends: np.ndarray, unit_seq: np.ndarray,
-               token_strings: Callable[[], list[str]], offsets: np.ndarray) -> None:
+    def _token_entities(self, table: _Table, labels: np.ndarray,
+                        scores: np.ndarray) -> list[list[dict[str, Any]]]:
+        """"none": one dict per shown token."""
+        shown = np.flatnonzero(self._passes(labels, scores))
+        unk = np.flatnonzero(table.ids[shown] == self.unk_id)
+        words = self.vocab[table.ids[shown]].tolist()
+        for i, t in zip(unk.tolist(), shown[unk].tolist(), strict=True):
+            words[i] = self._text_span(table, t, t + 1)
+        spans = table.offsets[shown]
+        entities = [{"entity": name, "score": score, "index": index, "word": word,
+                     "start": start, "end": end}
+                    for name, score, index, word, start, end in zip(
+                        self._shown_names[labels[shown]].tolist(), scores[shown],
+                        table.index[shown].tolist(), words, spans[:, 0].tolist(),
+                        spans[:, 1].tolist(), strict=True)]
+        return _split(entities, table.seq_of[shown], len(table.seqs.texts))
+
+    def _group_entities(self, table: _Table, labels: np.ndarray, scores: np.ndarray,
+                        starts: np.ndarray, ends: np.ndarray,
+                        opens: np.ndarray) -> list[list[dict[str, Any]]]:
+        """Consecutive units with the same tag (and no B- between) as one dict per group."""
         units = len(labels)
+        if not units:
+            return [[] for _ in table.seqs.texts]
+        unit_seq = table.seq_of[starts]
         previous = np.append(labels[0], labels[:-1])
         new = (self.is_begin[labels] | (self.tag_id[labels] != self.tag_id[previous])
                | np.append(True, unit_seq[1:] != unit_seq[:-1]))
@@ -208,29 +303,89 @@ class Aggregator:
         group_scores = (sums / (last - first + 1)).astype(np.float32)
         group_labels = labels[first]
         shown = np.flatnonzero(self._passes(group_labels, group_scores))
-        if not len(shown):
-            return
-        tokens = token_strings()
-        join = self._join
-        starts_, ends_ = starts.tolist(), (ends + 1).tolist()
-        for seq, label, score, a, b, start, end in zip(
-                unit_seq[first[shown]].tolist(), group_labels[shown].tolist(),
-                group_scores[shown], first[shown].tolist(), last[shown].tolist(),
-                offsets[starts[first[shown]], 0].tolist(),
-                offsets[ends[last[shown]], 1].tolist(), strict=True):
-            if self.strategy == "simple":
-                word = join(tuple(tokens[starts_[a]:ends_[b]]))
-            else:
-                word = join(tuple(join(tuple(tokens[starts_[u]:ends_[u]]))
-                                  for u in range(a, b + 1)))
-            results[seq].append({"entity_group": self.group_names[label], "score": score,
-                                 "word": word, "start": start, "end": end})
+        a, b = starts[first[shown]], ends[last[shown]]  # each shown group's tokens
+        entities = [{"entity_group": name, "score": score, "word": word, "start": start,
+                     "end": end}
+                    for name, score, word, start, end in zip(
+                        self._shown_names[group_labels[shown]].tolist(), group_scores[shown],
+                        self._group_words(table, a, b, opens), table.offsets[a, 0].tolist(),
+                        table.offsets[b - 1, 1].tolist(), strict=True)]
+        return _split(entities, unit_seq[first[shown]], len(table.seqs.texts))
 
-    def _token_strings(self, seqs: list[Scored], seq_of: np.ndarray, ids: np.ndarray,
-                       offsets: np.ndarray) -> list[str]:
+    def _group_words(self, table: _Table, a: np.ndarray, b: np.ndarray,
+                     opens: np.ndarray) -> list[str]:
+        """The `word` of the groups of tokens a[i]:b[i], each distinct word decoded once.
+
+        A word depends only on its tokens' ids (and, for the word strategies, on where words
+        open), except that an unknown token's string is its text. So groups without an unknown
+        token are looked up in a cache by those: up to `self._pack_tokens` tokens packed
+        exactly into one int64 (deduplicated with numpy first), longer groups by their bytes.
+        Groups with an unknown token are decoded each time."""
+        keys = table.ids * 2 + opens if self.by_word else table.ids
+        if len(self._words) > WORD_CACHE_SIZE:
+            self._words.clear()
+        unk = np.append(0, np.cumsum(table.ids == self.unk_id))
+        cacheable = unk[b] == unk[a]
+        packed = self._pack(keys, a, b, cacheable)
+        short = np.flatnonzero(packed >= 0)
+        distinct, first, inverse = np.unique(packed[short], return_index=True,
+                                             return_inverse=True)
+        others = np.flatnonzero(packed < 0).tolist()
+        buffer, size = keys.tobytes(), keys.itemsize
+        # (a group, its cache key or None) per distinct short group, then per other group
+        lookups = [*zip(short[first].tolist(), distinct.tolist(), strict=True),
+                   *((i, buffer[a[i] * size:b[i] * size] if cacheable[i] else None)
+                     for i in others)]
+        get = self._words.get
+        found = [None if key is None else get(key) for _, key in lookups]
+        if None in found:
+            tokens = self._token_strings(table)
+            cuts = opens.tolist() if self.by_word else None
+            for j in [j for j, word in enumerate(found) if word is None]:
+                i, key = lookups[j]
+                word = None if key is None else get(key)  # a repeat of an earlier miss
+                if word is None:
+                    start, end = int(a[i]), int(b[i])
+                    word = self._word(tokens[start:end],
+                                      None if cuts is None else cuts[start:end])
+                    if key is not None:
+                        self._words[key] = word
+                found[j] = word
+        words = np.empty(len(a), dtype=object)
+        words[short] = np.array(found[:len(distinct)], dtype=object)[inverse]
+        words[others] = np.array(found[len(distinct):], dtype=object)
+        return words.tolist()
+
+    def _pack(self, keys: np.ndarray, a: np.ndarray, b: np.ndarray,
+              cacheable: np.ndarray) -> np.ndarray:
+        """Each group's keys a[i]:b[i] as one int64 (key + 1 in `_pack_bits` bits per token,
+        so that the length is part of it), or -1 for groups too long or not `cacheable`."""
+        bits = self._pack_bits
+        packed = np.zeros(len(a), dtype=np.int64)
+        length = b - a
+        for j in range(self._pack_tokens):
+            token = keys[np.minimum(a + j, len(keys) - 1)] + 1
+            packed |= np.where(j < length, token, 0) << (bits * j)
+        packed[(length > self._pack_tokens) | ~cacheable] = -1
+        return packed
+
+    def _word(self, tokens: list[str], opens: list[bool] | None) -> str:
+        """`convert_tokens_to_string` of the tokens; with `opens` (where words open), of each
+        word's tokens, then of the words."""
+        if opens is None:
+            return self._join(tuple(tokens))
+        cuts = [i for i, o in enumerate(opens) if o] + [len(tokens)]
+        return self._join(tuple(self._join(tuple(tokens[x:y]))
+                                for x, y in zip(cuts[:-1], cuts[1:], strict=True)))
+
+    def _token_strings(self, table: _Table) -> list[str]:
         """`convert_ids_to_tokens` of every token; an unknown token's string is its text span."""
-        tokens = self.vocab[ids].tolist()
-        for t in np.flatnonzero(ids == self.unk_id).tolist():
-            start, end = offsets[t].tolist()
-            tokens[t] = seqs[seq_of[t]].text[start:end]
+        tokens = self.vocab[table.ids].tolist()
+        for t in np.flatnonzero(table.ids == self.unk_id).tolist():
+            tokens[t] = self._text_span(table, t, t + 1)
         return tokens
+
+    @staticmethod
+    def _text_span(table: _Table, a: int, b: int) -> str:
+        """The text of tokens a:b (of one sequence)."""
+        return table.seqs.texts[table.seq_of[a]][table.offsets[a, 0]:table.offsets[b - 1, 1]]

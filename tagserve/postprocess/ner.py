@@ -29,8 +29,7 @@ from tagserve.postprocess.entities import (
     BIO_MODES,
     STRATEGIES,
     Aggregator,
-    Scored,
-    Tagged,
+    Sequences,
     softmax,
 )
 from tagserve.postprocess.windows import Document, Window, cut_documents, merge_entities
@@ -178,48 +177,66 @@ class Recognizer:
     def finish(self, docs: list[Document]) -> list[NerResult]:
         """Entities of documents whose `rows` (raw logits per window) are all in."""
         rows = [r for d in docs for r in d.rows]
-        probs = np.split(softmax(np.concatenate(rows)), np.cumsum([len(r) for r in rows])[:-1])
-        merge_windows = self.options.window_merge == "entities"
-        seqs: list[Scored] = []
-        plans: list[tuple[range, int | None]] = []  # per doc: entity sequences, token sequence
-        at = 0
-        for doc in docs:
-            doc_probs, at = probs[at:at + len(doc.windows)], at + len(doc.windows)
-            first = len(seqs)
-            if len(doc.windows) > 1 and merge_windows:
-                seqs += [Scored(doc.text, w, p) for w, p in zip(doc.windows, doc_probs,
-                                                                strict=True)]
-                tokens = None
-                if self.options.return_tokens:
-                    tokens = len(seqs)
-                    seqs.append(Scored(doc.text, doc.whole, doc.merge_rows(doc_probs)))
-                plans.append((range(first, first + len(doc.windows)), tokens))
-            else:
-                seqs.append(Scored(doc.text, doc.whole, doc.merge_rows(doc_probs)))
-                plans.append((range(first, first + 1), first))
+        probs = (softmax(np.concatenate(rows)) if rows
+                 else np.zeros((0, self.width), dtype=np.float32))
+        seqs, plans = self._sequences(docs, probs)
         tagged = self.aggregator(seqs)
         results: list[NerResult] = []
-        for entity_seqs, token_seq in plans:
-            entities = [e for s in entity_seqs for e in tagged[s].entities]
-            if len(entity_seqs) > 1:
-                entities = merge_entities(entities)
+        for doc, (entity_seqs, token_seq) in zip(docs, plans, strict=True):
+            entities = (tagged.entities[entity_seqs[0]] if len(entity_seqs) == 1 else
+                        merge_entities([e for s in entity_seqs for e in tagged.entities[s]]))
             if not self.options.return_tokens:
                 results.append(entities)
                 continue
-            tokens = self._tokens(seqs[token_seq].window, tagged[token_seq])
+            tokens = self._tokens(doc.whole, *tagged.tokens(token_seq))
             results.append({"entities": entities, "tokens": tokens})
         return results
 
-    def _tokens(self, whole: Window, tagged: Tagged) -> list[dict[str, Any]]:
+    def _sequences(self, docs: list[Document],
+                   probs: np.ndarray) -> tuple[Sequences, list[tuple[range, int | None]]]:
+        """What to aggregate: each window of a document whose windows' entities are merged (and
+        the whole document, for its tokens), or the whole document with its rows merged. And
+        per document, its entity sequences and its token sequence. `probs`: all windows' rows,
+        concatenated."""
+        if all(len(doc.windows) == 1 for doc in docs):  # one window each: probs as they are
+            return (Sequences.of([d.text for d in docs], [d.windows[0] for d in docs], probs),
+                    [(range(i, i + 1), i) for i in range(len(docs))])
+        split = np.split(probs, np.cumsum([len(r) for d in docs for r in d.rows])[:-1])
+        merge_windows = self.options.window_merge == "entities"
+        texts: list[str] = []
+        windows: list[Window] = []
+        parts: list[np.ndarray] = []
+        plans: list[tuple[range, int | None]] = []
+        at = 0
+        for doc in docs:
+            doc_probs, at = split[at:at + len(doc.windows)], at + len(doc.windows)
+            first = len(windows)
+            if len(doc.windows) > 1 and merge_windows:
+                windows += doc.windows
+                parts += doc_probs
+                tokens = None
+                if self.options.return_tokens:
+                    tokens = len(windows)
+                    windows.append(doc.whole)
+                    parts.append(doc.merge_rows(doc_probs))
+                texts += [doc.text] * (len(windows) - first)
+                plans.append((range(first, first + len(doc.windows)), tokens))
+            else:
+                texts.append(doc.text)
+                windows.append(doc.whole)
+                parts.append(doc.merge_rows(doc_probs))
+                plans.append((range(first, first + 1), first))
+        return Sequences.of(texts, windows, np.concatenate(parts)), plans
+
+    def _tokens(self, whole: Window, at: np.ndarray, labels: np.ndarray,
+                scores: np.ndarray) -> list[dict[str, Any]]:
         """`return_tokens`: each non-special token's string, span, label and its score."""
-        at = tagged.token_index
         names, vocab = self.aggregator.names, self.aggregator.vocab
         return [{"index": i, "token": vocab[token_id], "start": start, "end": end,
                  "label": names[label], "score": score}
                 for i, token_id, start, end, label, score in zip(
                     at.tolist(), whole.ids[at].tolist(), whole.offsets[at, 0].tolist(),
-                    whole.offsets[at, 1].tolist(), tagged.token_labels.tolist(),
-                    tagged.token_scores, strict=True)]
+                    whole.offsets[at, 1].tolist(), labels.tolist(), scores, strict=True)]
 
 
 def logits_params(model_config: ModelConfig) -> PoolingParams:

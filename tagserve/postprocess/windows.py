@@ -9,6 +9,7 @@ rows over the windows that hold it, weighted toward window centres (`Document.me
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,17 +31,32 @@ class Window:
     content: np.ndarray | None = None  # [n] bool: a token of the text, not of the template
 
     @classmethod
-    def from_encoding(cls, encoding: Encoding, word_starts: np.ndarray | None,
-                      content: bool) -> Window:
-        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-        if word_starts is not None and len(offsets):  # word input: spans are within each word
+    def from_encodings(cls, encodings: Sequence[Encoding]) -> list[Window]:
+        """One window per encoding; their arrays are views of one array per field, converted
+        from the encodings' lists in one go (a per-window `np.asarray` of a list of offset
+        tuples costs ~0.3 us a token)."""
+        lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+        total = int(lengths.sum())
+        chain = itertools.chain.from_iterable
+        ids = np.fromiter(chain(e.ids for e in encodings), dtype=np.int64, count=total)
+        offsets = np.fromiter(chain(chain(e.offsets for e in encodings)), dtype=np.int64,
+                              count=2 * total).reshape(-1, 2)
+        special = np.fromiter(chain(e.special_tokens_mask for e in encodings), dtype=bool,
+                              count=total)
+        bounds = np.append(0, np.cumsum(lengths)).tolist()
+        return [cls(ids[a:b], offsets[a:b], special[a:b])
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def add_encoding_details(self, encoding: Encoding, word_starts: np.ndarray | None,
+                             content: bool) -> None:
+        """Word input: spans made relative to the joined text (`word_starts`: each word's start
+        there). `content`: mark the tokens of the text (for windows that are merged)."""
+        if word_starts is not None and len(self.offsets):  # spans are within each word
             words = np.asarray(encoding.word_ids, dtype=np.float64)
             known = ~np.isnan(words)
-            offsets[known] += word_starts[words[known].astype(np.int64)][:, None]
-        sequence = (~np.isnan(np.asarray(encoding.sequence_ids, dtype=np.float64))
-                    if content else None)
-        return cls(np.asarray(encoding.ids, dtype=np.int64), offsets,
-                   np.asarray(encoding.special_tokens_mask, dtype=bool), sequence)
+            self.offsets[known] += word_starts[words[known].astype(np.int64)][:, None]
+        if content:
+            self.content = ~np.isnan(np.asarray(encoding.sequence_ids, dtype=np.float64))
 
 
 @dataclass
@@ -128,19 +144,22 @@ def cut_documents(tokenizer: Tokenizer, inputs: Sequence[str] | Sequence[Sequenc
     words = [list(x) for x in inputs] if is_split_into_words else None
     encodings = tokenizer.encode_windows(words if words is not None else list(inputs),
                                          max_length, stride or 0, is_split_into_words)
-    docs = []
-    for i, windows in enumerate(encodings):
-        truncated = stride is None and len(windows) > 1
-        if stride is None:
-            windows = windows[:1]
-        starts = None
+    kept = [windows if stride is not None else windows[:1] for windows in encodings]
+    flat = Window.from_encodings([e for windows in kept for e in windows])
+    docs, at = [], 0
+    for i, windows in enumerate(kept):
+        doc_windows, at = flat[at:at + len(windows)], at + len(windows)
         text = inputs[i]
         if words is not None:
             lengths = np.fromiter(map(len, words[i]), dtype=np.int64, count=len(words[i]))
             starts = np.cumsum(lengths + len(delimiter)) - lengths - len(delimiter)
             text = delimiter.join(words[i])
-        docs.append(Document(text, [Window.from_encoding(e, starts, len(windows) > 1)
-                                    for e in windows], stride or 0, truncated))
+        if words is not None or len(windows) > 1:
+            for window, encoding in zip(doc_windows, windows, strict=True):
+                window.add_encoding_details(encoding, starts if words is not None else None,
+                                            len(windows) > 1)
+        docs.append(Document(text, doc_windows, stride or 0,
+                             stride is None and len(encodings[i]) > 1))
     return docs
 
 
