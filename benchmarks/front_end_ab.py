@@ -6,9 +6,11 @@ most of the CPU and the numbers swing with the neighbours' load. This script ins
 after), sends each the same `/pooling` bodies from a raw keep-alive HTTP client (nearly no
 client CPU), alternates rounds between the servers so that drift hits both alike, and reports
 medians over rounds of the CPU time the server spent per request: all threads, and its main
-thread (the event loop, where the front end runs). Example:
+thread (the event loop, where the front end runs). A server may get environment variables
+after its tree, `TREE:NAME=VALUE:...`. Examples:
 
     python benchmarks/front_end_ab.py /tmp/before /tmp/after --model W1 --smoke --rounds 5
+    python benchmarks/front_end_ab.py . .:TOKENIZERS_PARALLELISM=false --device cuda
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from workloads import WORKLOADS, build_checkpoint, make_corpus, smoke_spec  # no
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("trees", nargs="+", type=Path, help="source trees to serve from")
+    p.add_argument("servers", nargs="+", metavar="TREE[:NAME=VALUE...]",
+                   help="source trees to serve from, each with optional environment variables")
     p.add_argument("--model", default="W1", help="a benchmark workload name")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--smoke", action="store_true", help="the workload's tiny shape")
     p.add_argument("--workload", default="W3", choices=sorted(LOADS))
     p.add_argument("--requests", type=int, default=200, help="requests per round")
@@ -46,13 +50,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def start(tree: Path, model: Path, server_args: str) -> tuple[subprocess.Popen, int]:
+def start(server: str, model: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    """`tagserve serve` from the tree (and with the environment) that `server` names."""
+    tree, *assignments = server.split(":")
+    env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve()),
+           **dict(a.split("=", 1) for a in assignments)}
     port = free_port()
     cmd = [sys.executable, "-m", "tagserve.cli", "serve", str(model), "--port", str(port),
-           "--device", "cpu", "--served-model-name", "bench", "--log-level", "warning",
-           *server_args.split()]
-    proc = subprocess.Popen(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--device", args.device, "--served-model-name", "bench", "--log-level", "warning",
+           *args.server_args.split()]
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -61,7 +69,7 @@ def start(tree: Path, model: Path, server_args: str) -> tuple[subprocess.Popen, 
         except httpx.HTTPError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"the server from {tree} did not start")
+    raise RuntimeError(f"the server {server} did not start")
 
 
 async def _connection(port: int, requests: list[bytes], latencies: list[float]) -> None:
@@ -112,26 +120,26 @@ def main() -> None:
                                             AutoTokenizer.from_pretrained(model), 512).texts]
     texts = [" ".join(w[: max(1, int(len(w) * tokens / 50))]) for w in words]
     bodies = request_bodies(texts, per_request, args.requests, "float")
-    servers = [(tree, *start(tree, model, args.server_args)) for tree in args.trees]
-    rounds: dict[Path, list[dict]] = {tree: [] for tree in args.trees}
+    servers = [(name, *start(name, model, args)) for name in args.servers]
+    rounds: dict[str, list[dict]] = {name: [] for name in args.servers}
     try:
         for _, proc, port in servers:
             measure(proc, port, bodies[:64], concurrency)  # warm-up
         for _ in range(args.rounds):
-            for tree, proc, port in servers:
-                rounds[tree].append(measure(proc, port, bodies, concurrency))
+            for name, proc, port in servers:
+                rounds[name].append(measure(proc, port, bodies, concurrency))
     finally:
         for _, proc, _ in servers:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"# front_end_ab: {' '.join(sys.argv[1:])}\n")
-    print("| tree | req/s | p50 ms | p99 ms | server CPU ms/req | event loop CPU ms/req |\n"
+    print("| server | req/s | p50 ms | p99 ms | server CPU ms/req | event loop CPU ms/req |\n"
           "|---|---:|---:|---:|---:|---:|")
-    for tree, rows in rounds.items():
+    for name, rows in rounds.items():
         med = {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
-        print(f"| {tree} | {med['req_s']:,.0f} | {med['p50_ms']:.1f} | {med['p99_ms']:.1f} | "
+        print(f"| {name} | {med['req_s']:,.0f} | {med['p50_ms']:.1f} | {med['p99_ms']:.1f} | "
               f"{med['server_cpu_ms']:.2f} | {med['loop_cpu_ms']:.2f} |")
-        print(json.dumps({"tree": str(tree), **med}), file=sys.stderr)
+        print(json.dumps({"server": name, **med}), file=sys.stderr)
 
 
 if __name__ == "__main__":
