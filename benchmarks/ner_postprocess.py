@@ -148,12 +148,14 @@ def main() -> int:
               * len(texts) / args.hf_texts if args.hf_texts and args.stride is None else None)
         rows.append((strategy, sum(map(len, out)), e2e, prepare.seconds, finish.seconds, hf))
     print("| strategy | entities | e2e s | tokenize+windows s | post-process s | post-process "
-          "/ e2e | post-process us/text | transformers postprocess s (est.) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "/ e2e | tokenize+windows us/text | post-process us/text | post-process us/entity | "
+          "transformers postprocess s (est.) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for strategy, entities, e2e, prep, fin, hf in rows:
         hf_cell = "-" if hf is None else f"{hf:.3f}"
         print(f"| {strategy} | {entities} | {e2e:.3f} | {prep:.3f} | {fin:.3f} | "
-              f"{100 * fin / e2e:.1f}% | {1e6 * fin / len(texts):.0f} | {hf_cell} |")
+              f"{100 * fin / e2e:.1f}% | {1e6 * prep / len(texts):.0f} | "
+              f"{1e6 * fin / len(texts):.0f} | {1e6 * fin / max(entities, 1):.2f} | {hf_cell} |")
     return 0
 
 
