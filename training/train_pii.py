@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--common-words", type=int, default=1500,
                    help="add each language's N most frequent words (wordfreq) to the vocabulary "
                         "as whole entries, on top of --vocab-size trained pieces")
-    p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=False,
                    help="one token per digit (numbers are not merged into vocabulary pieces)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="reuse this tokenizer.json instead of training one (the WordPiece "
