@@ -58,9 +58,11 @@ def flops_per_token(spec: WorkloadSpec, mean_sq_over_mean: float) -> float:
     """2 x linear params plus attention (4 x layers x width x seq_len, half when causal)."""
     head_dim = spec.head_dim or spec.hidden // spec.heads
     kv = (spec.kv_heads or spec.heads) * head_dim
-    per_layer = spec.hidden * (spec.attn_width * 2 + 2 * kv) + 3 * spec.hidden * spec.intermediate
     if spec.family == "bert":
         per_layer = 4 * spec.hidden ** 2 + 2 * spec.hidden * spec.intermediate
+    else:
+        per_layer = (spec.hidden * (2 * spec.attn_width + 2 * kv)
+                     + 3 * spec.hidden * spec.intermediate)
     attn = (2.0 if spec.causal else 4.0) * spec.layers * spec.attn_width * mean_sq_over_mean
     return 2.0 * spec.layers * per_layer + attn
 

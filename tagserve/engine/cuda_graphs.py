@@ -30,6 +30,12 @@ MIN_CAPTURED_TOKENS = 16
 MAX_CAPTURED_TOKENS = 16384
 
 
+def padding_offsets(start: int, count: int, max_seqlen: int, num_tokens: int) -> np.ndarray:
+    """The `count` sequence ends after `start`: padding tokens up to `num_tokens` in pieces of at
+    most `max_seqlen`, then empty sequences ending at `num_tokens`."""
+    return np.minimum(start + max_seqlen * np.arange(1, count + 1), num_tokens)
+
+
 @dataclass
 class CapturedForward:
     """One graph: `inputs` is its static input buffer, `logits [T_b, labels]` its output."""
@@ -48,10 +54,9 @@ class CapturedForward:
     def host_inputs(self, ids: np.ndarray, positions: np.ndarray,
                     ends: np.ndarray) -> list[np.ndarray]:
         """The batch's arrays padded to this graph's static layout (see the module docs)."""
-        pad = self.num_tokens - len(ids)
-        tail = np.minimum(len(ids) + self.max_seqlen * np.arange(1, self.num_seqs + 1 - len(ends)),
-                          self.num_tokens)
-        zeros = np.zeros(pad, dtype=np.int64)
+        zeros = np.zeros(self.num_tokens - len(ids), dtype=np.int64)
+        tail = padding_offsets(len(ids), self.num_seqs - len(ends), self.max_seqlen,
+                               self.num_tokens)
         return [ids, zeros, positions, zeros, np.zeros(1, dtype=np.int64), ends, tail]
 
     def replay(self) -> torch.Tensor:
@@ -94,8 +99,8 @@ class CudaGraphs:
     def _capture(self, num_tokens: int, num_seqs: int, pool: tuple) -> CapturedForward:
         inputs = torch.zeros(2 * num_tokens + num_seqs + 1, dtype=torch.int64, device=self.device)
         ids, positions, cu_seqlens = inputs.split([num_tokens, num_tokens, num_seqs + 1])
-        offsets = np.minimum(self.max_seqlen * np.arange(num_seqs + 1), num_tokens)
-        cu_seqlens.copy_(torch.from_numpy(offsets))  # a valid layout: padding only
+        offsets = padding_offsets(0, num_seqs, self.max_seqlen, num_tokens)
+        cu_seqlens[1:].copy_(torch.from_numpy(offsets))  # a valid layout: padding only
 
         def forward() -> torch.Tensor:
             attn = AttentionMetadata([], cu_seqlens.to(torch.int32), self.max_seqlen, True)
