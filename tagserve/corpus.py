@@ -3,7 +3,9 @@
 Input lines are `{"id": ..., "text": ...}` (`id` defaults to the line number, from 1); each
 output line is `{"id": ..., "entities": [...]}`. A job resumes: ids already in the output are
 skipped, and a last line cut short by a crash is removed first. Batches of texts go through
-`ner_async` with the next batch already queued, so the model never waits on post-processing.
+the engine with the next batch already queued, so the model never waits on post-processing;
+with `workers`, post-processing (entities and their JSON) runs in a `NerPool`'s processes and
+this one only writes the bytes they return.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,14 @@ from tqdm.auto import tqdm
 from tagserve.engine.async_engine import AsyncEngine
 from tagserve.engine.counting import CountingEngine
 from tagserve.errors import ValidationError
-from tagserve.postprocess.ner import NerOptions, jsonable, ner_async
+from tagserve.postprocess.ner import (
+    NerOptions,
+    NerResult,
+    Recognizer,
+    documents_async,
+    jsonable,
+)
+from tagserve.postprocess.ner_pool import NerPool
 
 # Batches submitted to the engine ahead of the one being written.
 IN_FLIGHT = 2
@@ -42,6 +51,12 @@ class CorpusStats:
         return (f"Tagged {self.texts} texts ({self.tokens} tokens) in {self.seconds:.2f} s: "
                 f"{self.texts / seconds:.1f} texts/s, {self.tokens / seconds:.0f} tokens/s; "
                 f"skipped {self.skipped} already done")
+
+
+def json_lines(ids: Sequence[Any], results: list[NerResult]) -> bytes:
+    """One `{"id": ..., "entities": [...]}` line per record, UTF-8."""
+    return "".join(json.dumps({"id": i, "entities": r}, ensure_ascii=False) + "\n"
+                   for i, r in zip(ids, jsonable(results), strict=True)).encode("utf-8")
 
 
 def _key(record_id: Any) -> str:
@@ -90,38 +105,48 @@ def read_records(source: Path, skip: set[str]) -> Iterator[tuple[Any, str]]:
 
 
 async def tag_corpus(engine: AsyncEngine, options: NerOptions, source: Path, output: Path,
-                     batch_size: int) -> CorpusStats:
+                     batch_size: int, workers: int = 0) -> CorpusStats:
     """Tag the records of `source` not yet in `output`, `batch_size` texts per engine call;
-    every input line is checked before the first text runs."""
+    every input line is checked before the first text runs. `workers`: post-processing
+    processes (0: the engine's thread pool)."""
     done = done_ids(output)
     total = sum(1 for _ in read_records(source, done))
     with source.open(encoding="utf-8") as f:
         skipped = sum(1 for line in f if line.strip()) - total
     counter = CountingEngine(engine)
-    pending: deque[tuple[list[Any], asyncio.Future[Any]]] = deque()
+    recognizer = Recognizer.for_model(engine.model_config, engine.tokenizer, options)
+    pool = NerPool.for_model(workers, engine.model_config, engine.tokenizer) if workers else None
+
+    async def tag(ids: list[Any], texts: list[str]) -> bytes:
+        docs = await documents_async(counter, recognizer, texts)
+        if pool is None:
+            return await engine.run_in_pool(
+                lambda: json_lines(ids, recognizer.finish(docs)))
+        parts = [asyncio.wrap_future(f) for f in pool.lines(recognizer.options, docs, ids)]
+        return b"".join(await asyncio.gather(*parts))
+
+    pending: deque[tuple[int, asyncio.Future[bytes]]] = deque()
     start = time.perf_counter()
-    with output.open("a", encoding="utf-8") as out, \
+    with output.open("ab") as out, \
             tqdm(total=total, unit="text", desc="Tagging") as bar, \
-            contextlib.closing(read_records(source, done)) as records:
+            contextlib.closing(read_records(source, done)) as records, \
+            pool if pool is not None else contextlib.nullcontext():
 
         async def write_oldest() -> None:
-            ids, results = pending.popleft()
-            lines = [json.dumps({"id": i, "entities": r}, ensure_ascii=False) + "\n"
-                     for i, r in zip(ids, jsonable(await results), strict=True)]
-            out.writelines(lines)
+            count, lines = pending.popleft()
+            out.write(await lines)
             out.flush()
-            bar.update(len(ids))
+            bar.update(count)
 
         try:
             while batch := list(itertools.islice(records, batch_size)):
                 ids, texts = zip(*batch, strict=True)
-                pending.append((list(ids), asyncio.ensure_future(
-                    ner_async(counter, list(texts), options))))
+                pending.append((len(ids), asyncio.ensure_future(tag(list(ids), list(texts)))))
                 if len(pending) > IN_FLIGHT:
                     await write_oldest()
             while pending:
                 await write_oldest()
         finally:
-            for _, results in pending:
-                results.cancel()
+            for _, lines in pending:
+                lines.cancel()
     return CorpusStats(total, counter.prompt_tokens, time.perf_counter() - start, skipped)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from tagserve.outputs import PoolingOutput, PoolingRequestOutput
 from tagserve.params import PoolingParams
 from tagserve.postprocess.documents import run_documents
 from tagserve.postprocess.ner import NerOptions, NerResult, run_ner
+from tagserve.postprocess.ner_pool import NerPool
 from tagserve.postprocess.windows import cut_documents
 
 _TASK_REQUIRED = """pooling_task required for `LLM.encode`
@@ -49,7 +51,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  load_format: str = "auto", revision: str | None = None,
                  skip_tokenizer_init: bool = False, enforce_eager: bool = False,
-                 **kwargs: Any) -> None:
+                 ner_workers: int = 0, **kwargs: Any) -> None:
         self.llm_engine: LLMEngine = create_engine(EngineArgs(
             model=model, tokenizer=tokenizer, runner=runner, convert=convert, dtype=dtype,
             max_model_len=max_model_len, pooler_config=pooler_config, hf_overrides=hf_overrides,
@@ -58,6 +60,8 @@ class LLM:
             load_format=load_format, revision=revision, skip_tokenizer_init=skip_tokenizer_init,
             enforce_eager=enforce_eager, extra=kwargs))
         self._request_counter = itertools.count()
+        self.ner_workers = ner_workers  # `ner`'s post-processing processes (0: in this one)
+        self._ner_pool: NerPool | None = None
 
     @property
     def model_config(self):  # noqa: ANN201
@@ -123,7 +127,7 @@ class LLM:
                     bar.close()
         with cyclic_gc_paused():
             return [PoolingRequestOutput(r.request_id, r.token_ids, PoolingOutput(r.result),
-                                         offsets=r.offsets) for r in requests]
+                                         token_spans=r.offsets) for r in requests]
 
     def ner(self, inputs: str | Sequence[str] | Sequence[Sequence[str]],
             aggregation_strategy: str = "simple", ignore_labels: Sequence[str] = ("O",),
@@ -131,16 +135,38 @@ class LLM:
             delimiter: str = " ", window_merge: str = "entities",
             threshold: float | None = None, labels: Sequence[str] | None = None,
             bio: str | None = None, return_tokens: bool = False,
-            use_tqdm: bool | Callable[..., tqdm] = True) -> NerResult | list[NerResult]:
+            use_tqdm: bool | Callable[..., tqdm] = True,
+            postprocess_workers: int | None = None) -> NerResult | list[NerResult]:
         """Entities per input, as transformers' token-classification pipeline returns them
-        (one list for one input, a list of lists for a list); see README "Entities (NER)"."""
+        (one list for one input, a list of lists for a list); see README "Entities (NER)".
+        `postprocess_workers`: processes that build the entities beside the engine (default:
+        the LLM's `ner_workers`; 0: this process; other counts start a pool for this call)."""
         self._check_task("token_classify")
         options = NerOptions.create(
             aggregation_strategy=aggregation_strategy, ignore_labels=ignore_labels,
             stride=stride, is_split_into_words=is_split_into_words, delimiter=delimiter,
             window_merge=window_merge, threshold=threshold, labels=labels, bio=bio,
             return_tokens=return_tokens)
-        return run_ner(self.llm_engine, inputs, options, self._request_counter, use_tqdm)
+        workers = self.ner_workers if postprocess_workers is None else postprocess_workers
+        if workers and workers != self.ner_workers:
+            with self._new_ner_pool(workers) as pool:
+                return run_ner(self.llm_engine, inputs, options, self._request_counter,
+                               use_tqdm, pool)
+        return run_ner(self.llm_engine, inputs, options, self._request_counter, use_tqdm,
+                       self._shared_ner_pool() if workers else None)
+
+    def _new_ner_pool(self, workers: int) -> NerPool:
+        return NerPool.for_model(workers, self.model_config, self.llm_engine.tokenizer)
+
+    def _shared_ner_pool(self) -> NerPool:
+        """The LLM's pool of `ner_workers` processes, started on first use (and again after a
+        worker died); shut down when the LLM is collected or at exit."""
+        if self._ner_pool is None or self._ner_pool.broken:
+            if self._ner_pool is not None:
+                self._ner_pool.close()
+            self._ner_pool = self._new_ner_pool(self.ner_workers)
+            weakref.finalize(self, self._ner_pool.close)
+        return self._ner_pool
 
     def encode_long(self, prompts: str | Sequence[str], pooling_params: PoolingParams | None = None,
                     *, stride: int = 0, use_tqdm: bool | Callable[..., tqdm] = True,
@@ -175,7 +201,7 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [PoolingRequestOutput(i, whole.ids.tolist(), PoolingOutput(torch.from_numpy(rows)),
-                                     offsets=[tuple(o) for o in whole.offsets.tolist()])
+                                     token_spans=[tuple(o) for o in whole.offsets.tolist()])
                 for i, (whole, rows) in zip(ids, docs, strict=True)]
 
     def _make_requests(self, items: list[Prompt], params: list[PoolingParams],

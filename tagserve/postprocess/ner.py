@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from tagserve.postprocess.entities import (
     softmax,
 )
 from tagserve.postprocess.windows import Document, Window, cut_documents, merge_entities
+
+if TYPE_CHECKING:
+    from tagserve.postprocess.ner_pool import NerPool
 
 logger = logging.getLogger(__name__)
 
@@ -246,18 +249,23 @@ def logits_params(model_config: ModelConfig) -> PoolingParams:
 
 
 def run_ner(engine: LLMEngine, inputs: Any, options: NerOptions, request_ids: Iterator[int],
-            use_tqdm: bool | Callable[..., tqdm] = True) -> NerResult | list[NerResult]:
-    """Offline NER over the synchronous engine (what `LLM.ner` calls)."""
+            use_tqdm: bool | Callable[..., tqdm] = True,
+            pool: NerPool | None = None) -> NerResult | list[NerResult]:
+    """Offline NER over the synchronous engine (what `LLM.ner` calls); with a `pool`, documents
+    are finished in its worker processes (the bar then counts documents handed to them)."""
     recognizer = Recognizer.for_model(engine.model_config, engine.tokenizer, options)
     items, single = recognizer.inputs(inputs)
+    finish = recognizer.finish if pool is None else pool.finisher(recognizer.options)
     bar = progress_bar(use_tqdm, len(items), "Recognized entities")
     try:
-        results = run_documents(engine, items, recognizer.prepare, recognizer.finish,
+        results = run_documents(engine, items, recognizer.prepare, finish,
                                 logits_params(engine.model_config), request_ids,
                                 recognizer.width, None if bar is None else bar.update)
     finally:
         if bar is not None:
             bar.close()
+    if pool is not None:
+        results = finish.collect(results)
     return results[0] if single else results
 
 
@@ -279,6 +287,15 @@ async def ner_async(engine: AsyncEngineLike, inputs: Any,
     windows of all inputs in one `encode` call. Results as `run_ner`; see `jsonable`."""
     recognizer = Recognizer.for_model(engine.model_config, engine.tokenizer, options)
     items, single = recognizer.inputs(inputs)
+    docs = await documents_async(engine, recognizer, items)
+    results = await engine.run_in_pool(recognizer.finish, docs)
+    return results[0] if single else results
+
+
+async def documents_async(engine: AsyncEngineLike, recognizer: Recognizer,
+                          items: list[Any]) -> list[Document]:
+    """`items` prepared (in the engine's thread pool) and run: documents with all their rows,
+    ready for `recognizer.finish`."""
     docs = await engine.run_in_pool(recognizer.prepare, items)
     todo = [(doc, k) for doc in docs for k in windows_to_run(doc, recognizer.width)]
     if todo:
@@ -286,8 +303,7 @@ async def ner_async(engine: AsyncEngineLike, inputs: Any,
         rows = await engine.encode(prompts, logits_params(engine.model_config))
         for (doc, k), row in zip(todo, rows, strict=True):
             doc.rows[k] = row.numpy()
-    results = await engine.run_in_pool(recognizer.finish, docs)
-    return results[0] if single else results
+    return docs
 
 
 def jsonable(value: Any) -> Any:
