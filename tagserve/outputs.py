@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
+
+from tagserve.engine.inputs import Offsets, resolve_offsets
 
 
 @dataclass
@@ -22,5 +25,11 @@ class PoolingRequestOutput:
     num_cached_tokens: int = 0
     finished: bool = True
     error: str | None = None
-    # Character span of each token in the prompt text (None for token-id prompts); a tagserve extra.
-    offsets: list[tuple[int, int]] | None = field(default=None, repr=False)
+    # Where `offsets` comes from, read on first access (see `LazyOffsets`).
+    token_spans: Offsets = field(default=None, repr=False)
+
+    @functools.cached_property
+    def offsets(self) -> list[tuple[int, int]] | None:
+        """Character span of each token in the prompt text (None for token-id prompts); a
+        tagserve extra."""
+        return resolve_offsets(self.token_spans)

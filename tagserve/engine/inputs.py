@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tokenizers import Encoding
 
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
@@ -17,10 +18,32 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int] | dict[str, Any]
 
 
+@dataclass(frozen=True)
+class LazyOffsets:
+    """A prompt's character spans, read out of its `Encoding` only when someone asks: building
+    the Python tuples costs several times the tokenization itself (about 116 vs 23 µs for the
+    ids of a 265-token text here), and the GIL serialises it while the GPU waits."""
+
+    encoding: Encoding
+    keep: slice | None = None  # the tokens kept by truncation, when tagserve truncated
+
+    def resolve(self) -> list[tuple[int, int]]:
+        offsets = self.encoding.offsets
+        return offsets if self.keep is None else offsets[self.keep]
+
+
+# Character span of each token: as a list, unread in its Encoding, or None (token-id prompts).
+Offsets = list[tuple[int, int]] | LazyOffsets | None
+
+
+def resolve_offsets(offsets: Offsets) -> list[tuple[int, int]] | None:
+    return offsets.resolve() if isinstance(offsets, LazyOffsets) else offsets
+
+
 @dataclass
 class TokenizedPrompt:
     token_ids: list[int]
-    offsets: list[tuple[int, int]] | None  # char spans; None for token ids or offsets=False
+    offsets: Offsets  # None for token ids or offsets=False
     text: str | None
 
 
@@ -146,15 +169,15 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer: Tokenizer | None,
         offsets = None
         if text is not None:
             enc = next(encodings)
-            ids, offsets = enc.ids, enc.offsets if params.offsets else None
+            ids, offsets = enc.ids, LazyOffsets(enc) if params.offsets else None
         if n is not None and len(ids) > n:
             keep = slice(0, n) if side == "right" else slice(len(ids) - n, len(ids))
             ids = ids[keep]
-            offsets = offsets[keep] if offsets is not None else None
+            offsets = LazyOffsets(enc, keep) if offsets is not None else None
         if not ids:
             raise ValidationError("The decoder prompt cannot be empty")
         if len(ids) > max_len:
             at_least = text is not None
             raise _too_long(max_len, max_len + 1 if at_least else len(ids), at_least)
-        out.append(TokenizedPrompt(list(ids), offsets, text))
+        out.append(TokenizedPrompt(ids, offsets, text))  # a fresh list either way
     return out

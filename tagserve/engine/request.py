@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tagserve.engine.inputs import Offsets
 from tagserve.params import PoolingParams
 
 
@@ -15,7 +16,7 @@ class Request:
     request_id: str
     token_ids: list[int]
     params: PoolingParams
-    offsets: list[tuple[int, int]] | None = None
+    offsets: Offsets = None
     arrival_index: int = 0
     cancelled: bool = False  # set by the server when the client is gone; never scheduled then
     result: torch.Tensor | None = field(default=None, repr=False)

@@ -1,9 +1,11 @@
 """Attention over a packed batch: tokens of all sequences in one `[T, heads, head_dim]` tensor.
 
-Two kernels, one interface (`packed_attention`):
-- CUDA: flash attention for variable-length sequences (the kernel behind torch's
-  `varlen_attn`, called directly: its Python wrapper costs ~0.3 ms a call on a slow host, and
-  only torch >= 2.13's wrapper passes grouped k/v heads through), no padding at all.
+Three kernels, one interface (`packed_attention`):
+- CUDA: our Triton flash attention for variable-length sequences (`attention_kernel.py`,
+  1.4-2.5x torch's FA2 on the H200), no padding at all;
+- CUDA with sliding windows or head sizes Triton's tiles do not take: torch's FA2 varlen kernel
+  (the one behind `varlen_attn`, called directly: its Python wrapper costs ~0.3 ms a call on a
+  slow host, and only torch >= 2.13's wrapper passes grouped k/v heads through);
 - CPU (and CUDA without varlen flash, or in float32): the runner lays the batch out in length
   buckets, each padded to its longest member (at most 12.5% padding), so every bucket is one
   dense SDPA call on a view of the activations (a key mask hides the padding): no
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tagserve.layers import attention_kernel
 
 Window = tuple[int, int]
 FULL: Window = (-1, -1)
@@ -148,6 +152,9 @@ def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                      window: Window = FULL, scale: float | None = None) -> torch.Tensor:
     """Attention of `q [T, Hq, D]` over `k, v [T, Hkv, D]` within each packed sequence."""
+    if meta.use_varlen and window in (FULL, CAUSAL) and attention_kernel.supported(q):
+        return attention_kernel.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen,
+                                                 window == CAUSAL, scale)
     if meta.use_varlen and (window in (FULL, CAUSAL) or _HAS_FLASH_WINDOW):
         return _flash_varlen(q, k, v, meta, window, scale)
     out = torch.empty_like(q)

@@ -3,9 +3,10 @@
 The profiler shows a BERT layer's LayerNorms, residual adds and GELU costing about a quarter of
 its GPU time at large batches, all of it memory traffic. On CUDA with 16-bit weights (unless
 `enforce_eager=True`):
-- residual add + LayerNorm / RMSNorm, gated activations and the decoders' q/k RMSNorm + RoPE
-  are compiled with `torch.compile` into one kernel each (the token count turns into a
-  dynamic dimension at the second batch size seen; hidden sizes stay constants);
+- residual add + LayerNorm / RMSNorm and gated activations are compiled with `torch.compile`
+  into one kernel each (the token count turns into a dynamic dimension at the second batch
+  size seen; hidden sizes stay constants); the decoders' q/k RMSNorm + RoPE is a hand-written
+  Triton kernel (`qk_norm_rope_kernel.py`), compiled only where Triton is missing;
 - GELU after the up-projection runs in the cuBLASLt epilogue of its GEMM
   (`torch._addmm_activation`), so the `[T, intermediate]` tensor is written once. The epilogue
   computes GELU's tanh form, within 4.8e-4 of the exact (erf) GELU everywhere: below bf16's
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tagserve.layers import qk_norm_rope_kernel
 from tagserve.layers.norm import RMSNorm, rms_norm
 from tagserve.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -86,8 +88,15 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  rotary: RotaryEmbedding, q_norm: RMSNorm | None, k_norm: RMSNorm | None,
                  fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of `q, k [T, H, D]` (Qwen3; skipped when the norms are None), then
-    RoPE. Eagerly that is about ten float32 passes over q and k; fused, one kernel."""
+    RoPE. Eagerly that is about ten float32 passes over q and k; fused on CUDA, one Triton
+    kernel each, in place (`layers/qk_norm_rope_kernel.py`)."""
     eps = q_norm.eps if q_norm is not None else 0.0
+    if fused and qk_norm_rope_kernel.available(q):
+        def norm_rope_(x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+            return qk_norm_rope_kernel.norm_rope_(x, positions, rotary.cos, rotary.sin,
+                                                  None if norm is None else norm.weight, eps)
+
+        return norm_rope_(q, q_norm), norm_rope_(k, k_norm)
     return _maybe_compiled(_qk_norm_rope, fused, q)(
         q, k, positions, rotary.cos, rotary.sin, None if q_norm is None else q_norm.weight,
         None if k_norm is None else k_norm.weight, eps)
