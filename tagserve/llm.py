@@ -37,7 +37,18 @@ Please use one of the more specific methods or set the pooling_task when using `
   - For multi-vector retrieval, use `pooling_task="token_embed\""""
 
 # Prompts tokenized per call; the engine starts on the first chunk while the next is tokenized.
-_CHUNK = 2048
+# Chunks grow from the first size to the largest: the GPU starts after a few ms, and later
+# hand-offs are few.
+_FIRST_CHUNK, _CHUNK = 64, 2048
+
+
+def growing_chunks(n: int, first: int = _FIRST_CHUNK, largest: int = _CHUNK) -> list[range]:
+    """`range(n)` cut into consecutive chunks of `first`, `2 * first`, ... up to `largest`."""
+    chunks, start, size = [], 0, first
+    while start < n:
+        chunks.append(range(start, min(start + size, n)))
+        start, size = start + size, min(2 * size, largest)
+    return chunks
 
 
 class LLM:
@@ -111,7 +122,7 @@ class LLM:
         tokenize = TokenizeParams.from_kwargs(self.model_config.max_model_len,
                                               tokenization_kwargs)
         request_ids = [str(next(self._request_counter)) for _ in items]
-        chunks = [range(s, min(s + _CHUNK, len(items))) for s in range(0, len(items), _CHUNK)]
+        chunks = growing_chunks(len(items))
         # Tokenize chunk k+1 in a thread while the engine runs chunk k.
         with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
             pending = deque(pool.submit(self._make_requests, items, params, tokenize,

@@ -232,3 +232,12 @@ def test_truncated_ids_and_offsets_match_hf(family, make_checkpoint):
         ref = hf(text, truncation=True, max_length=n, return_offsets_mapping=True)
         assert out.prompt_token_ids == ref["input_ids"]
         assert [tuple(o) for o in out.offsets] == [tuple(o) for o in ref["offset_mapping"]]
+
+
+def test_prompt_chunks_grow_and_cover_every_prompt():
+    from tagserve.llm import growing_chunks
+
+    chunks = growing_chunks(5000, first=64, largest=2048)
+    assert [len(c) for c in chunks] == [64, 128, 256, 512, 1024, 2048, 968]
+    assert [i for c in chunks for i in c] == list(range(5000))
+    assert growing_chunks(0) == [] and [len(c) for c in growing_chunks(10)] == [10]
