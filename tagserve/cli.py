@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -259,6 +260,7 @@ def run_ner_command(args: argparse.Namespace) -> int:
     from tagserve.corpus import tag_corpus
     from tagserve.engine.async_engine import AsyncEngine
     from tagserve.postprocess.ner import NerOptions, jsonable, ner_async
+    from tagserve.postprocess.ner_pool import NerPool
 
     model, text = args.model, args.text
     if args.input is None and text is None:  # one positional argument: the text
@@ -280,8 +282,10 @@ def run_ner_command(args: argparse.Namespace) -> int:
         if text is not None:
             print(entity_table(text, jsonable(asyncio.run(ner_async(engine, text, options)))))
         else:
-            stats = asyncio.run(tag_corpus(engine, options, args.input, args.output,
-                                           args.batch_size, args.workers))
+            with (NerPool.for_model(args.workers, engine.model_config, engine.tokenizer)
+                  if args.workers else contextlib.nullcontext()) as pool:
+                stats = asyncio.run(tag_corpus(engine, options, args.input, args.output,
+                                               args.batch_size, pool))
             print(stats.summary())
     except ValidationError as exc:
         logger.error("%s", exc)

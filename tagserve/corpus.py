@@ -4,14 +4,15 @@ Input lines are `{"id": ..., "text": ...}` (`id` defaults to the line number, fr
 output line is `{"id": ..., "entities": [...]}`. A job resumes: ids already in the output are
 skipped, and a last line cut short by a crash is removed first. Batches of texts go through
 the engine with the next batch already queued, so the model never waits on post-processing;
-with `workers`, post-processing (entities and their JSON) runs in a `NerPool`'s processes and
-this one only writes the bytes they return.
+with a `NerPool`, tokenization and post-processing (entities and their JSON) run in its
+processes and this one only runs the model and writes the bytes they return.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import time
@@ -105,20 +106,20 @@ def read_records(source: Path, skip: set[str]) -> Iterator[tuple[Any, str]]:
 
 
 async def tag_corpus(engine: AsyncEngine, options: NerOptions, source: Path, output: Path,
-                     batch_size: int, workers: int = 0) -> CorpusStats:
+                     batch_size: int, pool: NerPool | None = None) -> CorpusStats:
     """Tag the records of `source` not yet in `output`, `batch_size` texts per engine call;
-    every input line is checked before the first text runs. `workers`: post-processing
-    processes (0: the engine's thread pool)."""
+    every input line is checked before the first text runs. Post-processing runs in `pool`'s
+    worker processes, or without one in the engine's thread pool."""
     done = done_ids(output)
     total = sum(1 for _ in read_records(source, done))
     with source.open(encoding="utf-8") as f:
         skipped = sum(1 for line in f if line.strip()) - total
     counter = CountingEngine(engine)
     recognizer = Recognizer.for_model(engine.model_config, engine.tokenizer, options)
-    pool = NerPool.for_model(workers, engine.model_config, engine.tokenizer) if workers else None
 
     async def tag(ids: list[Any], texts: list[str]) -> bytes:
-        docs = await documents_async(counter, recognizer, texts)
+        docs = await documents_async(counter, recognizer, texts, None if pool is None
+                                     else functools.partial(pool.prepare, recognizer))
         if pool is None:
             return await engine.run_in_pool(
                 lambda: json_lines(ids, recognizer.finish(docs)))
@@ -129,8 +130,7 @@ async def tag_corpus(engine: AsyncEngine, options: NerOptions, source: Path, out
     start = time.perf_counter()
     with output.open("ab") as out, \
             tqdm(total=total, unit="text", desc="Tagging") as bar, \
-            contextlib.closing(read_records(source, done)) as records, \
-            pool if pool is not None else contextlib.nullcontext():
+            contextlib.closing(read_records(source, done)) as records:
 
         async def write_oldest() -> None:
             count, lines = pending.popleft()

@@ -171,10 +171,11 @@ class LLM:
 
     def _shared_ner_pool(self) -> NerPool:
         """The LLM's pool of `ner_workers` processes, started on first use (and again after a
-        worker died); shut down when the LLM is collected or at exit."""
-        if self._ner_pool is None or self._ner_pool.broken:
-            if self._ner_pool is not None:
-                self._ner_pool.close()
+        worker died or `ner_workers` changed); shut down when the LLM is collected or at exit."""
+        pool = self._ner_pool
+        if pool is None or pool.broken or pool.workers != self.ner_workers:
+            if pool is not None:
+                pool.close()
             self._ner_pool = self._new_ner_pool(self.ner_workers)
             weakref.finalize(self, self._ner_pool.close)
         return self._ner_pool

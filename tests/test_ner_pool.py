@@ -14,8 +14,7 @@ import pytest
 from tagserve import LLM
 from tagserve.cli import main
 from tagserve.postprocess.ner import NerOptions, Recognizer
-from tagserve.postprocess.ner_pool import NerPool, NerWorkerError, Shipment
-from tagserve.postprocess.windows import Document, Window
+from tagserve.postprocess.ner_pool import Cut, NerPool, NerWorkerError, Shipment, WindowIds
 
 from checkpoints import sentences
 
@@ -84,33 +83,48 @@ def test_shipment_round_trip(llm):
                                       NerOptions(stride=16))
     docs = recognizer.prepare(TEXTS)
     rng = np.random.default_rng(0)
+    cuts = []
     for doc in docs:
         doc.rows = [rng.standard_normal((len(w.ids), recognizer.width), dtype=np.float32)
                     for w in doc.windows]
-    again = Shipment.of(docs).documents()
+        cut = Cut(doc.text, [WindowIds(w.ids.astype(np.int32)) for w in doc.windows])
+        cut.rows = doc.rows
+        cuts.append(cut)
+    again = Shipment.of(cuts).documents(recognizer)
     assert same(recognizer.finish(again), recognizer.finish(docs))
-    for a, b in zip(docs, again, strict=True):
-        assert (a.text, a.stride, len(a.windows)) == (b.text, b.stride, len(b.windows))
-        for wa, wb in zip(a.windows, b.windows, strict=True):
-            assert (wa.content is None) == (wb.content is None)
-            for x, y in ((wa.ids, wb.ids), (wa.offsets, wb.offsets),
-                         (wa.special, wb.special), (wa.content, wb.content)):
-                np.testing.assert_array_equal(x, y)
+    cuts[3].rows = cuts[3].rows[:-1]  # a window's rows missing
+    with pytest.raises(RuntimeError, match="rows of logits for"):
+        Shipment.of(cuts).documents(recognizer)
+    cuts[3].windows = cuts[3].windows[:-1]  # and the window
+    with pytest.raises(RuntimeError, match="other windows"):
+        Shipment.of(cuts).documents(recognizer)
+
+
+def test_workers_cut_as_this_process(llm):
+    recognizer = Recognizer.for_model(llm.model_config, llm.get_tokenizer(),
+                                      NerOptions(stride=16))
+    with NerPool.for_model(2, llm.model_config, llm.get_tokenizer()) as pool:
+        cuts = pool.prepare(recognizer, TEXTS * 3)
+    docs = recognizer.prepare(TEXTS * 3)
+    assert [c.item for c in cuts] == TEXTS * 3
+    for cut, doc in zip(cuts, docs, strict=True):
+        assert [w.ids.tolist() for w in cut.windows] == [w.ids.tolist() for w in doc.windows]
 
 
 def test_a_worker_error_is_raised(make_checkpoint):
     llm = LLM(str(make_checkpoint("bert")), device="cpu")
     recognizer = Recognizer.for_model(llm.model_config, llm.get_tokenizer(), NerOptions())
-    docs = recognizer.prepare(TEXTS[:3])
-    for doc in docs:  # one row for each window, not one for each token
-        doc.rows = [np.zeros((1, recognizer.width), np.float32) for _ in doc.windows]
     with NerPool.for_model(1, llm.model_config, llm.get_tokenizer()) as pool:
-        with pytest.raises(IndexError):
-            pool.submit(recognizer.options, docs).result()
-        for doc in docs:  # the pool still works
-            doc.rows = [np.zeros((len(w.ids), recognizer.width), np.float32)
-                        for w in doc.windows]
-        assert same(pool.submit(recognizer.options, docs).result(), recognizer.finish(docs))
+        cuts = pool.prepare(recognizer, TEXTS[:3])
+        for cut in cuts:  # one row for each window, not one for each token
+            cut.rows = [np.zeros((1, recognizer.width), np.float32) for _ in cut.windows]
+        with pytest.raises(RuntimeError, match="rows of logits for"):  # raised in the worker
+            pool.submit(recognizer.options, cuts).result()
+        docs = recognizer.prepare(TEXTS[:3])
+        for cut, doc in zip(cuts, docs, strict=True):  # the pool still works
+            cut.rows = doc.rows = [np.zeros((len(w.ids), recognizer.width), np.float32)
+                                   for w in doc.windows]
+        assert same(pool.submit(recognizer.options, cuts).result(), recognizer.finish(docs))
 
 
 def test_a_dead_worker_raises_and_the_next_call_gets_a_new_pool(make_checkpoint):
@@ -125,11 +139,11 @@ def test_a_dead_worker_raises_and_the_next_call_gets_a_new_pool(make_checkpoint)
 
 
 def test_a_failing_initializer_raises(tmp_path):
-    doc = Document("a", [Window(np.array([5]), np.array([[0, 1]]), np.array([False]))], 0)
-    doc.rows = [np.zeros((1, 1), np.float32)]
+    cut = Cut("a", [WindowIds(np.array([5], np.int32))])
+    cut.rows = [np.zeros((1, 1), np.float32)]
     # no tokenizer.json there
     with NerPool(1, tmp_path, {0: "O"}, 16) as pool, pytest.raises(NerWorkerError):
-        pool.submit(NerOptions(), [doc]).result()
+        pool.submit(NerOptions(), [cut]).result()
 
 
 @pytest.mark.parametrize("options", [[], ["--aggregation-strategy", "first", "--stride", "16",

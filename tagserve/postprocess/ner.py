@@ -167,15 +167,22 @@ class Recognizer:
         return list(items), isinstance(inputs, str)
 
     def prepare(self, items: list[Any]) -> list[Document]:
+        """`cut` the inputs, warning about truncated ones."""
+        docs = self.cut(items)
+        self.warn_truncated(sum(d.truncated for d in docs))
+        return docs
+
+    def cut(self, items: list[Any]) -> list[Document]:
+        """Tokenize the inputs and cut them into windows (the same ones every time)."""
         o = self.options
-        docs = cut_documents(self.tokenizer, items, self.max_length, o.stride,
+        return cut_documents(self.tokenizer, items, self.max_length, o.stride,
                              is_split_into_words=o.is_split_into_words, delimiter=o.delimiter)
-        truncated = sum(d.truncated for d in docs)
+
+    def warn_truncated(self, truncated: int) -> None:
         if truncated:
             logger.warning("%d input(s) longer than %d tokens were truncated, as transformers' "
                            "pipeline does; pass stride=... to cover whole documents.",
                            truncated, self.max_length)
-        return docs
 
     def finish(self, docs: list[Document]) -> list[NerResult]:
         """Entities of documents whose `rows` (raw logits per window) are all in."""
@@ -251,14 +258,16 @@ def logits_params(model_config: ModelConfig) -> PoolingParams:
 def run_ner(engine: LLMEngine, inputs: Any, options: NerOptions, request_ids: Iterator[int],
             use_tqdm: bool | Callable[..., tqdm] = True,
             pool: NerPool | None = None) -> NerResult | list[NerResult]:
-    """Offline NER over the synchronous engine (what `LLM.ner` calls); with a `pool`, documents
-    are finished in its worker processes (the bar then counts documents handed to them)."""
+    """Offline NER over the synchronous engine (what `LLM.ner` calls); with a `pool`, inputs are
+    tokenized and documents finished in its worker processes (the bar then counts documents
+    handed to them)."""
     recognizer = Recognizer.for_model(engine.model_config, engine.tokenizer, options)
     items, single = recognizer.inputs(inputs)
-    finish = recognizer.finish if pool is None else pool.finisher(recognizer.options)
+    prepare, finish = ((recognizer.prepare, recognizer.finish) if pool is None
+                       else pool.stages(recognizer))
     bar = progress_bar(use_tqdm, len(items), "Recognized entities")
     try:
-        results = run_documents(engine, items, recognizer.prepare, finish,
+        results = run_documents(engine, items, prepare, finish,
                                 logits_params(engine.model_config), request_ids,
                                 recognizer.width, None if bar is None else bar.update)
     finally:
@@ -292,11 +301,12 @@ async def ner_async(engine: AsyncEngineLike, inputs: Any,
     return results[0] if single else results
 
 
-async def documents_async(engine: AsyncEngineLike, recognizer: Recognizer,
-                          items: list[Any]) -> list[Document]:
-    """`items` prepared (in the engine's thread pool) and run: documents with all their rows,
-    ready for `recognizer.finish`."""
-    docs = await engine.run_in_pool(recognizer.prepare, items)
+async def documents_async(engine: AsyncEngineLike, recognizer: Recognizer, items: list[Any],
+                          prepare: Callable[[list[Any]], list[Document]] | None = None,
+                          ) -> list[Document]:
+    """`items` prepared (by default `recognizer.prepare`, in the engine's thread pool) and run:
+    documents with all their rows, ready to finish."""
+    docs = await engine.run_in_pool(prepare or recognizer.prepare, items)
     todo = [(doc, k) for doc in docs for k in windows_to_run(doc, recognizer.width)]
     if todo:
         prompts = [TokenizedPrompt(doc.windows[k].ids.tolist(), None, None) for doc, k in todo]
