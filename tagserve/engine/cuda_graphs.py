@@ -77,8 +77,14 @@ class CudaGraphs:
             sizes.append(size)
             size *= 2
         # Room for the real sequences plus the padding cut into max_seqlen pieces.
-        self.shapes = [(t, min(t, max_num_seqs) + -(-t // max_seqlen)) for t in sizes]
+        self.shapes = [(t, min(t, max_num_seqs) + -(-t // self.longest(t))) for t in sizes]
         self.graphs: list[CapturedForward] = []
+
+    def longest(self, num_tokens: int) -> int:
+        """The sequence length bound a graph of `num_tokens` is captured with: no sequence of
+        it can be longer than the graph, and small graphs get the attention kernel's
+        configuration for short sequences (compiled here, not at a first short batch)."""
+        return min(num_tokens, self.max_seqlen)
 
     def pick(self, num_tokens: int, num_seqs: int) -> CapturedForward | None:
         for graph in self.graphs:
@@ -99,11 +105,12 @@ class CudaGraphs:
     def _capture(self, num_tokens: int, num_seqs: int, pool: tuple) -> CapturedForward:
         inputs = torch.zeros(2 * num_tokens + num_seqs + 1, dtype=torch.int64, device=self.device)
         ids, positions, cu_seqlens = inputs.split([num_tokens, num_tokens, num_seqs + 1])
-        offsets = padding_offsets(0, num_seqs, self.max_seqlen, num_tokens)
+        max_seqlen = self.longest(num_tokens)
+        offsets = padding_offsets(0, num_seqs, max_seqlen, num_tokens)
         cu_seqlens[1:].copy_(torch.from_numpy(offsets))  # a valid layout: padding only
 
         def forward() -> torch.Tensor:
-            attn = AttentionMetadata([], cu_seqlens.to(torch.int32), self.max_seqlen, True)
+            attn = AttentionMetadata([], cu_seqlens.to(torch.int32), max_seqlen, True)
             return self.model(ids, positions, attn)
 
         side = torch.cuda.Stream(self.device)  # warm-up (compilation, cuBLAS) off the graph
@@ -115,4 +122,4 @@ class CudaGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             logits = forward()
-        return CapturedForward(num_tokens, num_seqs, self.max_seqlen, inputs, logits, graph)
+        return CapturedForward(num_tokens, num_seqs, max_seqlen, inputs, logits, graph)
