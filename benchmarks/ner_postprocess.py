@@ -1,21 +1,26 @@
-"""NER post-processing share: `LLM.ner` end to end against `LLM.encode` on the same texts.
+"""NER post-processing share: `LLM.ner` and the JSONL job end to end against `LLM.encode`.
 
-For each entity density of the probe head and each strategy it times, on the same texts:
-`LLM.encode(texts)` (tokenize, model, per-token rows out), then `LLM.ner(texts)` with the
-entities built in this process (0 workers) and in N worker processes (`LLM(ner_workers=N)`;
-the pool is started before timing). The post-processing share is `ner s / encode s - 1`;
-"extra us/entity" is `(ner s - encode s) / entities`. "finish" is the in-process
-`Recognizer.finish` time (softmax, aggregation, dicts), for 0 workers only.
+On the same texts it times `LLM.encode(texts)` (tokenize, model, per-token rows out), then
+`LLM.ner(texts)` and `tagserve ner --input IN.jsonl --output OUT.jsonl` (`tag_corpus`), each
+with tokenization and entities in this process (0 workers) and in N worker processes
+(`LLM(ner_workers=N)`, `--workers N`; pools are started before timing). The post-processing
+share is `ner s / encode s - 1`; "extra us/entity" is `(ner s - encode s) / entities`, "extra
+main CPU" the same in this process's CPU time (all its threads, not the workers). "finish" is
+the in-process `Recognizer.finish` time. A second table splits this process's CPU per text in
+isolation (in process: prepare and finish; with workers: what is left here), the number that
+decides whether one process keeps up with the GPU: at ~1.4M tokens/s a 265-token text takes
+~190 us end to end, so 10% is ~19 us/text.
 
-Entity density: the benchmark tagger's probe head labels a share `--entity-rates` of the
-token ids as entities (the rest "O"; each rate is its own checkpoint). 0.2 is the dense
-setting of the earlier runs (~0.26 entities a token on W1: ~69 in a 265-token text); 0.06
-is the realistic one, ~0.07-0.09 entities a token (measured: see the table's "ent/tok"),
-as CoNLL-2003 English train: 23,499 entities in 203,621 words, one per 8.7 words, and BERT's
-WordPiece cuts news text into ~1.3-1.4 tokens a word, so ~1 entity per 11-12 tokens.
+Entity density (`--entity-shares`): "probe" keeps the benchmark tagger's probe head, which
+labels ~20% of the token ids as entities: ~0.26 entities a token on W1 (~69 in a 265-token
+text), far denser than real text. A number is a realistic share: the head's "O" bias is
+shifted (a copy of the checkpoint) so that this share of the tokens get an entity label; most
+such tokens are then one-token entities. 0.085 is CoNLL-2003 English train: 23,499 entities in
+203,621 words (one per 8.7 words), ~1.35 WordPiece tokens a word for news text, so ~1 entity
+per 11.7 tokens.
 
     python benchmarks/ner_postprocess.py --smoke --workers 0 1          # tiny shape, CPU
-    python benchmarks/ner_postprocess.py --workload W1 --device cuda --dtype bfloat16 \\
+    python benchmarks/ner_postprocess.py --workload W1 --device cuda --dtype bfloat16 \
         --num-texts 8000 --workers 0 4 8 12 --json /tmp/ner_postprocess.json   # GPU host
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -62,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--jsonl", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the JSONL job (tagserve ner --input/--output --workers N)")
     p.add_argument("--batch-size", type=int, default=256, help="the JSONL job's --batch-size")
+    p.add_argument("--isolated-texts", type=int, default=1000,
+                   help="texts for the isolated CPU split (0: skip it)")
     p.add_argument("--repeat", type=int, default=2, help="best of this many runs")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"))
@@ -214,8 +222,8 @@ def measure(args: argparse.Namespace, llm: Any, name: str, share: str,
             add("llm.ner", strategy, workers, seconds, cpu, counts[strategy],
                 None if finish is None else finish.seconds / args.repeat)
     llm.ner_workers = 0
-    for strategy in counts:
-        isolated = main_process_costs(llm, texts, strategy, args.stride)
+    for strategy in counts if args.isolated_texts else ():
+        isolated = main_process_costs(llm, texts[:args.isolated_texts], strategy, args.stride)
         isolated.update(workload=name, entity_share=share, strategy=strategy)
         print(isolated_row(isolated), flush=True)
         rows.append({"isolated": isolated})
@@ -231,7 +239,8 @@ def main_process_costs(llm: Any, texts: list[str], strategy: str, stride: int | 
     process, `Recognizer.prepare` and `finish`; with workers, what is left here: taking their
     windows' ids (`Cut.of`), shipping finished inputs (`Shipment.of`, pickled) and receiving the
     results (entity dicts unpickled and their scores put back, or JSONL bytes unpickled). The
-    workers' side runs here too, untimed."""
+    workers' side runs here too, timed apart (one worker's CPU per text: how many workers
+    the model's speed needs)."""
     import pickle
 
     from tagserve import PoolingParams
@@ -241,9 +250,10 @@ def main_process_costs(llm: Any, texts: list[str], strategy: str, stride: int | 
 
     options = NerOptions(aggregation_strategy=strategy, stride=stride)
     recognizer = Recognizer.for_model(llm.model_config, llm.get_tokenizer(), options)
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     ner_pool._start(str(recognizer.tokenizer.path), recognizer.id2label, recognizer.max_length)
     cpu = dict.fromkeys(("prepare", "finish", "take_cuts", "ship", "receive_entities",
-                         "receive_lines"), 0.0)
+                         "receive_lines", "worker_cut", "worker_entities", "worker_lines"), 0.0)
     entities = 0
 
     def timed(key: str, fn: Callable[[], Any]) -> Any:
@@ -261,15 +271,18 @@ def main_process_costs(llm: Any, texts: list[str], strategy: str, stride: int | 
         for doc in docs:
             doc.rows = [next(outputs).outputs.data.numpy() for _ in doc.windows]
         entities += sum(map(len, timed("finish", lambda d=docs: recognizer.finish(d))))
-        cut = pickle.dumps(ner_pool._cut(options, part), protocol=4)
+        cut = pickle.dumps(timed("worker_cut", lambda p=part: ner_pool._cut(options, p)),
+                           protocol=4)
         cuts = timed("take_cuts", lambda p=part, c=cut: Cut.of(p, *pickle.loads(c)[:3]))
         for c, doc in zip(cuts, docs, strict=True):
             c.rows = doc.rows
         shipped = timed("ship", lambda c=cuts: pickle.dumps(Shipment.of(c), protocol=4))
         shipment = pickle.loads(shipped)
-        sent = pickle.dumps(ner_pool._entities(options, shipment), protocol=4)
-        lines = pickle.dumps(ner_pool._lines(options, shipment, list(range(len(part)))),
-                             protocol=4)
+        sent = pickle.dumps(timed("worker_entities", lambda s=shipment: ner_pool._entities(
+            options, s)), protocol=4)
+        ids = list(range(len(part)))
+        lines = pickle.dumps(timed("worker_lines", lambda s=shipment, i=ids: ner_pool._lines(
+            options, s, i)), protocol=4)
 
         def receive(sent: bytes = sent) -> None:
             future = Future()
@@ -278,6 +291,10 @@ def main_process_costs(llm: Any, texts: list[str], strategy: str, stride: int | 
 
         timed("receive_entities", receive)
         timed("receive_lines", lambda b=lines: pickle.loads(b))
+    if parallelism is None:
+        del os.environ["TOKENIZERS_PARALLELISM"]
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     return {"entities": entities, "texts": len(texts), **cpu}
 
 
@@ -337,8 +354,9 @@ HEADER = ("| workload | entity share | ent/tok | path | strategy | workers | ent
 
 ISOLATED = ("| workload | entity share | strategy | entities/text | in process: prepare | "
             "finish | finish us/entity | with workers: take ids | ship | receive entities | "
-            "receive JSONL | llm.ner: in process | with workers | JSONL with workers |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "receive JSONL | llm.ner: in process | with workers | JSONL with workers | each "
+            "worker: cut | finish (entities) | finish (JSONL) |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def isolated_row(r: dict[str, Any]) -> str:
@@ -347,7 +365,8 @@ def isolated_row(r: dict[str, Any]) -> str:
              us["take_cuts"], us["ship"], us["receive_entities"], us["receive_lines"],
              us["prepare"] + us["finish"],
              us["take_cuts"] + us["ship"] + us["receive_entities"],
-             us["take_cuts"] + us["ship"] + us["receive_lines"]]
+             us["take_cuts"] + us["ship"] + us["receive_lines"], us["worker_cut"],
+             us["worker_entities"], us["worker_lines"]]
     return (f"| {r['workload']} | {r['entity_share']} | {r['strategy']} | "
             f"{r['entities'] / r['texts']:.1f} | " + " | ".join(f"{c:.1f}" for c in cells)
             + " |")
