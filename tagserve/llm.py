@@ -16,7 +16,7 @@ from tagserve.config import POOLING_TASKS, PoolerConfig, check_removed_task
 from tagserve.engine.engine import LLMEngine
 from tagserve.engine.factory import EngineArgs, create_engine
 from tagserve.engine.inputs import Prompt, TokenizeParams, normalize_prompts, tokenize_prompts
-from tagserve.engine.offline import cyclic_gc_paused, progress_bar, run_requests
+from tagserve.engine.offline import progress_bar, run_requests
 from tagserve.engine.request import Request
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
@@ -123,22 +123,29 @@ class LLM:
                                               tokenization_kwargs)
         request_ids = [str(next(self._request_counter)) for _ in items]
         chunks = growing_chunks(len(items))
+        outputs: list[PoolingRequestOutput] = [None] * len(items)  # type: ignore[list-item]
+        bar = progress_bar(use_tqdm, len(items), "Processed prompts")
+
+        def finished(done: list[Request]) -> None:
+            # Runs while the next batch is on the GPU: output objects cost no extra time.
+            for r in done:
+                outputs[r.arrival_index] = PoolingRequestOutput(
+                    r.request_id, r.token_ids, PoolingOutput(r.result), token_spans=r.offsets)
+            if bar is not None:
+                bar.update(len(done))
+
         # Tokenize chunk k+1 in a thread while the engine runs chunk k.
         with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
             pending = deque(pool.submit(self._make_requests, items, params, tokenize,
                                         request_ids, chunk) for chunk in chunks)
-            bar = progress_bar(use_tqdm, len(items), "Processed prompts")
             try:
-                requests = run_requests(self.llm_engine, pending,
-                                        None if bar is None else lambda d: bar.update(len(d)))
+                run_requests(self.llm_engine, pending, finished)
             finally:
                 for future in pending:
                     future.cancel()
                 if bar is not None:
                     bar.close()
-        with cyclic_gc_paused():
-            return [PoolingRequestOutput(r.request_id, r.token_ids, PoolingOutput(r.result),
-                                         token_spans=r.offsets) for r in requests]
+        return outputs
 
     def ner(self, inputs: str | Sequence[str] | Sequence[Sequence[str]],
             aggregation_strategy: str = "simple", ignore_labels: Sequence[str] = ("O",),
