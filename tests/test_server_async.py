@@ -189,6 +189,7 @@ def test_caller_gone_before_its_prompts_are_queued(engine):
         return tokenize(*args)
 
     engine._tokenize = slow_tokenize
+    engine.inline_tokenize_size = 0  # every call goes through a tokenizer thread
     params = PoolingParams().verify("token_classify", engine.model_config.pooler_config, False)
 
     async def scenario() -> None:
@@ -205,3 +206,25 @@ def test_caller_gone_before_its_prompts_are_queued(engine):
         assert [len(o) for o in outputs] == [4, 3] and tokens == 7 and not engine._pending
 
     asyncio.run(scenario())
+
+
+def test_small_calls_tokenize_on_the_event_loop_large_ones_in_a_thread(engine):
+    threads: list[str] = []
+    tokenize = engine._tokenize
+
+    def recording_tokenize(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return tokenize(*args)
+
+    engine._tokenize = recording_tokenize
+    engine.inline_tokenize_size = 10
+    params = PoolingParams().verify("token_classify", engine.model_config.pooler_config, False)
+
+    async def scenario() -> None:
+        small, _ = await engine.encode_prompts(["a b"], TokenizeParams(512), params)
+        large, _ = await engine.encode_prompts(["a b c d e f g"], TokenizeParams(512), params)
+        assert [len(small[0]), len(large[0])] == [4, 9]
+
+    asyncio.run(scenario())
+    assert threads[0] == threading.main_thread().name
+    assert threads[1].startswith("tagserve-tok")

@@ -36,6 +36,16 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 BatchListener = Callable[[list[Request]], None]
 
+# Calls with at most this many characters (or token ids) in all are tokenized on the event
+# loop: waking a tokenizer thread costs more than tokenizing them (tens of µs).
+INLINE_TOKENIZE_SIZE = 2048
+
+
+def _inline_size(prompts: list[Prompt]) -> int:
+    """Characters or token ids of string and list prompts; prompt dicts count as large."""
+    return sum(len(p) if isinstance(p, (str, list)) else INLINE_TOKENIZE_SIZE + 1
+               for p in prompts)
+
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped; no request can be served any more."""
@@ -90,6 +100,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, tokenizer_threads: int = 4) -> None:
         self.engine = engine
         self._pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tagserve-tok")
+        self.inline_tokenize_size = INLINE_TOKENIZE_SIZE
         self._pending: dict[str, _Pending] = {}  # request id -> its encode call
         self._ids = itertools.count()
         self._listeners: list[BatchListener] = []
@@ -155,9 +166,10 @@ class AsyncEngine:
 
     async def encode_prompts(self, prompts: list[Prompt], tokenize_params: TokenizeParams,
                              params: PoolingParams) -> tuple[list[torch.Tensor], int]:
-        """`tokenize` and `encode` in one: a tokenizer thread tokenizes, makes the requests
-        and queues them, so the event loop wakes once per call (when the results are in).
-        Returns the results and the number of prompt tokens."""
+        """`tokenize` and `encode` in one: a tokenizer thread (or, for small calls, the event
+        loop itself) tokenizes, makes the requests and queues them, so the event loop wakes
+        once per call (when the results are in). Returns the results and the number of prompt
+        tokens."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future())
@@ -169,7 +181,10 @@ class AsyncEngine:
             except BaseException as exc:  # noqa: BLE001 - raised in the caller
                 loop.call_soon_threadsafe(_set_exception, pending.future, exc)
 
-        self._pool.submit(tokenize_and_queue)
+        if _inline_size(prompts) <= self.inline_tokenize_size:
+            tokenize_and_queue()
+        else:
+            self._pool.submit(tokenize_and_queue)
         results = await self._wait(pending)
         return results, sum(r.num_tokens for r in pending.requests)
 
