@@ -237,10 +237,10 @@ def main_process_costs(llm: Any, texts: list[str], strategy: str, stride: int | 
                        chunk: int = 64) -> dict[str, Any]:
     """This process's CPU seconds on the same texts and logits, `chunk` texts per call: in
     process, `Recognizer.prepare` and `finish`; with workers, what is left here: taking their
-    windows' ids (`Cut.of`), shipping finished inputs (`Shipment.of`, pickled) and receiving the
-    results (entity dicts unpickled and their scores put back, or JSONL bytes unpickled). The
-    workers' side runs here too, timed apart (one worker's CPU per text: how many workers
-    the model's speed needs)."""
+    windows' ids (`Cut.of`), shipping finished documents' logits (`Shipment.of`, pickled) and
+    receiving the results (entity dicts unpickled and their scores put back, or each text's
+    JSONL bytes unpickled and joined). The workers' side runs here too, timed apart (one
+    worker's CPU per text: how many workers the model's speed needs)."""
     import pickle
 
     from tagserve import PoolingParams
@@ -271,15 +271,18 @@ def main_process_costs(llm: Any, texts: list[str], strategy: str, stride: int | 
         for doc in docs:
             doc.rows = [next(outputs).outputs.data.numpy() for _ in doc.windows]
         entities += sum(map(len, timed("finish", lambda d=docs: recognizer.finish(d))))
-        cut = pickle.dumps(timed("worker_cut", lambda p=part: ner_pool._cut(options, p)),
-                           protocol=4)
-        cuts = timed("take_cuts", lambda p=part, c=cut: Cut.of(p, *pickle.loads(c)[:3]))
+        kept = ner_pool._worker.kept
+        cut = pickle.dumps(timed("worker_cut", lambda p=part, k=at: ner_pool._cut(
+            options, p, k)), protocol=4)
+        cuts = timed("take_cuts", lambda c=cut, k=at: Cut.of(0, k, *pickle.loads(c)[:3]))
         for c, doc in zip(cuts, docs, strict=True):
             c.rows = doc.rows
         shipped = timed("ship", lambda c=cuts: pickle.dumps(Shipment.of(c), protocol=4))
         shipment = pickle.loads(shipped)
+        again = {k: kept[k] for k in shipment.keys}  # for the JSONL one
         sent = pickle.dumps(timed("worker_entities", lambda s=shipment: ner_pool._entities(
             options, s)), protocol=4)
+        kept.update(again)
         ids = list(range(len(part)))
         lines = pickle.dumps(timed("worker_lines", lambda s=shipment, i=ids: ner_pool._lines(
             options, s, i)), protocol=4)
@@ -289,8 +292,14 @@ def main_process_costs(llm: Any, texts: list[str], strategy: str, stride: int | 
             future.set_result(pickle.loads(sent))
             Finished(SimpleNamespace(outcome=Future.result), future).result()
 
+        def receive_lines(lines: bytes = lines, n: int = len(part)) -> bytes:
+            out = [b""] * n
+            for i, line in enumerate(pickle.loads(lines)):
+                out[i] = line
+            return b"".join(out)
+
         timed("receive_entities", receive)
-        timed("receive_lines", lambda b=lines: pickle.loads(b))
+        timed("receive_lines", receive_lines)
     if parallelism is None:
         del os.environ["TOKENIZERS_PARALLELISM"]
     else:

@@ -123,8 +123,7 @@ async def tag_corpus(engine: AsyncEngine, options: NerOptions, source: Path, out
         if pool is None:
             return await engine.run_in_pool(
                 lambda: json_lines(ids, recognizer.finish(docs)))
-        parts = [asyncio.wrap_future(f) for f in pool.lines(recognizer.options, docs, ids)]
-        return b"".join(await asyncio.gather(*parts))
+        return await pool.lines(recognizer.options, docs, ids)
 
     pending: deque[tuple[int, asyncio.Future[bytes]]] = deque()
     start = time.perf_counter()
@@ -149,4 +148,6 @@ async def tag_corpus(engine: AsyncEngine, options: NerOptions, source: Path, out
         finally:
             for _, lines in pending:
                 lines.cancel()
+            if pool is not None:
+                pool.finished()
     return CorpusStats(total, counter.prompt_tokens, time.perf_counter() - start, skipped)

@@ -15,6 +15,7 @@ from tagserve import LLM
 from tagserve.cli import main
 from tagserve.postprocess.ner import NerOptions, Recognizer
 from tagserve.postprocess.ner_pool import Cut, NerPool, NerWorkerError, Shipment, WindowIds
+from tagserve.postprocess.windows import Document
 
 from checkpoints import sentences
 
@@ -81,23 +82,27 @@ def test_a_pool_for_one_call(llm):
 def test_shipment_round_trip(llm):
     recognizer = Recognizer.for_model(llm.model_config, llm.get_tokenizer(),
                                       NerOptions(stride=16))
-    docs = recognizer.prepare(TEXTS)
     rng = np.random.default_rng(0)
+    docs, kept = recognizer.prepare(TEXTS), {}
     cuts = []
-    for doc in docs:
+    for key, doc in enumerate(docs):
         doc.rows = [rng.standard_normal((len(w.ids), recognizer.width), dtype=np.float32)
                     for w in doc.windows]
-        cut = Cut(doc.text, [WindowIds(w.ids.astype(np.int32)) for w in doc.windows])
+        cut = Cut(0, key, [WindowIds(w.ids.astype(np.int32)) for w in doc.windows])
         cut.rows = doc.rows
         cuts.append(cut)
-    again = Shipment.of(cuts).documents(recognizer)
-    assert same(recognizer.finish(again), recognizer.finish(docs))
-    cuts[3].rows = cuts[3].rows[:-1]  # a window's rows missing
+        kept[key] = Document(doc.text, doc.windows, doc.stride)
+    again = Shipment.of(cuts).documents(kept)
+    assert same(recognizer.finish(again), recognizer.finish(docs)) and not kept
+    last = len(docs) - 1  # a long document: several windows
+    kept = {last: Document(docs[-1].text, docs[-1].windows, docs[-1].stride)}
+    cuts[-1].rows = cuts[-1].rows[:-1]  # a window's rows missing
     with pytest.raises(RuntimeError, match="rows of logits for"):
-        Shipment.of(cuts).documents(recognizer)
-    cuts[3].windows = cuts[3].windows[:-1]  # and the window
-    with pytest.raises(RuntimeError, match="other windows"):
-        Shipment.of(cuts).documents(recognizer)
+        Shipment.of(cuts[-1:]).documents(kept)
+    kept = {last: Document(docs[-1].text, docs[-1].windows, docs[-1].stride)}
+    cuts[-1].windows = cuts[-1].windows[:-1]  # and the window
+    with pytest.raises(RuntimeError, match="windows differ"):
+        Shipment.of(cuts[-1:]).documents(kept)
 
 
 def test_workers_cut_as_this_process(llm):
@@ -106,7 +111,7 @@ def test_workers_cut_as_this_process(llm):
     with NerPool.for_model(2, llm.model_config, llm.get_tokenizer()) as pool:
         cuts = pool.prepare(recognizer, TEXTS * 3)
     docs = recognizer.prepare(TEXTS * 3)
-    assert [c.item for c in cuts] == TEXTS * 3
+    assert {c.worker for c in cuts} == {0, 1} and len({c.key for c in cuts}) == len(cuts)
     for cut, doc in zip(cuts, docs, strict=True):
         assert [w.ids.tolist() for w in cut.windows] == [w.ids.tolist() for w in doc.windows]
 
@@ -118,32 +123,35 @@ def test_a_worker_error_is_raised(make_checkpoint):
         cuts = pool.prepare(recognizer, TEXTS[:3])
         for cut in cuts:  # one row for each window, not one for each token
             cut.rows = [np.zeros((1, recognizer.width), np.float32) for _ in cut.windows]
+        finished, _ = pool.submit(recognizer.options, cuts)[0]
         with pytest.raises(RuntimeError, match="rows of logits for"):  # raised in the worker
-            pool.submit(recognizer.options, cuts).result()
-        docs = recognizer.prepare(TEXTS[:3])
+            finished.result()
+        cuts, docs = pool.prepare(recognizer, TEXTS[:3]), recognizer.prepare(TEXTS[:3])
         for cut, doc in zip(cuts, docs, strict=True):  # the pool still works
             cut.rows = doc.rows = [np.zeros((len(w.ids), recognizer.width), np.float32)
                                    for w in doc.windows]
-        assert same(pool.submit(recognizer.options, cuts).result(), recognizer.finish(docs))
+        finished, _ = pool.submit(recognizer.options, cuts)[0]
+        assert same(finished.result(), recognizer.finish(docs))
 
 
 def test_a_dead_worker_raises_and_the_next_call_gets_a_new_pool(make_checkpoint):
     llm = LLM(str(make_checkpoint("bert")), device="cpu", ner_workers=1)
     expected = llm.ner(TEXTS, use_tqdm=False, postprocess_workers=0)
     assert same(llm.ner(TEXTS, use_tqdm=False), expected)
-    for pid in list(llm._ner_pool._executor._processes):
-        os.kill(pid, signal.SIGKILL)
+    for executor in llm._ner_pool._executors:
+        for pid in list(executor._processes):
+            os.kill(pid, signal.SIGKILL)
     with pytest.raises(NerWorkerError, match="worker"):
         llm.ner(TEXTS, use_tqdm=False)
     assert same(llm.ner(TEXTS, use_tqdm=False), expected)
 
 
 def test_a_failing_initializer_raises(tmp_path):
-    cut = Cut("a", [WindowIds(np.array([5], np.int32))])
+    cut = Cut(0, 0, [WindowIds(np.array([5], np.int32))])
     cut.rows = [np.zeros((1, 1), np.float32)]
     # no tokenizer.json there
     with NerPool(1, tmp_path, {0: "O"}, 16) as pool, pytest.raises(NerWorkerError):
-        pool.submit(NerOptions(), [cut]).result()
+        pool.submit(NerOptions(), [cut])[0][0].result()
 
 
 @pytest.mark.parametrize("options", [[], ["--aggregation-strategy", "first", "--stride", "16",

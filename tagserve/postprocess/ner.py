@@ -270,11 +270,13 @@ def run_ner(engine: LLMEngine, inputs: Any, options: NerOptions, request_ids: It
         results = run_documents(engine, items, prepare, finish,
                                 logits_params(engine.model_config), request_ids,
                                 recognizer.width, None if bar is None else bar.update)
+        if pool is not None:
+            results = finish.collect(results)
     finally:
         if bar is not None:
             bar.close()
-    if pool is not None:
-        results = finish.collect(results)
+        if pool is not None:
+            pool.finished()
     return results[0] if single else results
 
 

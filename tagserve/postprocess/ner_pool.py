@@ -1,26 +1,30 @@
 """NER in worker processes: tokenization and `Recognizer.finish` beside the engine.
 
-One Python process cannot keep up with a GPU: at ~1.4M tokens/s a tagger leaves ~35 us of
-this process's time per 265-token text for everything it adds to `encode`, while cutting a text
-into windows (offsets as numpy arrays) and building its entities cost hundreds. A `NerPool`
-moves both into `spawn`ed processes (never forked: the parent may hold CUDA; workers import
-tagserve but run only the Rust tokenizer and numpy), each initialised once with the tokenizer's
-folder, the labels and the window length (a `Recognizer` per set of options is built there on
-first use). This process keeps per input only its windows' token ids (`Cut`, from the workers'
-`Recognizer.cut`), runs them, and ships each batch of finished inputs back as the inputs plus
-one array of raw logits (`Shipment`); a worker cuts them again (the same windows: checked) and
-returns results in order: entity lists (their float32 scores travel as one array: numpy
-scalars pickle ~20x slower than the rest of a dict), or for the JSONL job ready output lines
-(bytes), so that this process does no per-entity work at all.
+One Python process cannot keep up with a GPU: at ~1.4M tokens/s a 265-token text takes ~190 us
+end to end, while cutting it into windows (the Rust tokenizer, offsets as numpy arrays) and
+building its entities cost hundreds of us of this process's time. A `NerPool` moves both into
+`spawn`ed processes (never forked: the parent may hold CUDA; workers import tagserve but run
+only the Rust tokenizer and numpy), each initialised once with the tokenizer's folder, the
+labels and the window length (a `Recognizer` per set of options is built there on first use).
+
+A worker cuts a part of the inputs and keeps those documents; this process gets back only
+their windows' token ids (`Cut`: which worker, which document), runs them, and sends each
+finished document's raw logits back to the worker that holds it (`Shipment`: keys, window
+lengths as a check, one float32 array). Results come back in order: entity lists (their float32
+scores as one array: numpy scalars pickle ~20x slower than the rest of a dict), or for the JSONL
+job ready output lines (bytes), so that this process does no per-entity work at all. A pool
+serves one run (`LLM.ner` call, corpus job) at a time; `finished()` ends one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import multiprocessing
 import os
-from collections import deque
+import threading
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,12 +39,12 @@ from tagserve.engine.tokenizer import Tokenizer
 from tagserve.postprocess.ner import NerOptions, NerResult, Recognizer
 from tagserve.postprocess.windows import Document
 
-# Documents per task of the JSONL job, at least (a batch is spread over the workers).
-MIN_TASK_DOCUMENTS = 16
+# Inputs per part when a call's inputs are spread over the workers, at least.
+MIN_PART = 16
 
 
 class NerWorkerError(RuntimeError):
-    """A post-processing worker process died (its own error, if any, is in its log)."""
+    """A worker process died (its own error, if any, is on stderr)."""
 
 
 class WindowIds(NamedTuple):
@@ -49,57 +53,57 @@ class WindowIds(NamedTuple):
 
 @dataclass
 class Cut:
-    """An input as the main process holds it when workers tokenize: the input itself and its
-    windows' token ids (all that `run_documents` needs); a worker cuts it again to finish it."""
+    """An input as this process holds it: the worker that cut it and keeps its document, the
+    document's key there, and its windows' token ids (all that `run_documents` needs)."""
 
-    item: Any
+    worker: int
+    key: int
     windows: list[WindowIds]
     rows: list[np.ndarray | None] = field(init=False, repr=False)  # engine output per window
 
     def __post_init__(self) -> None:
         self.rows = [None] * len(self.windows)
 
-    @classmethod
-    def of(cls, items: list[Any], ids: np.ndarray, lengths: np.ndarray,
-           counts: list[int]) -> list[Cut]:
-        """The inputs' `Cut`s from a worker's `_cut`: all their windows' ids, each window's
-        length, each input's number of windows."""
-        ends = np.cumsum(lengths).tolist()
-        windows = [WindowIds(ids[end - n:end])
-                   for end, n in zip(ends, lengths.tolist(), strict=True)]
-        cuts, at = [], 0
-        for item, count in zip(items, counts, strict=True):
-            cuts.append(cls(item, windows[at:at + count]))
-            at += count
-        return cuts
-
     @property
     def complete(self) -> bool:
         return all(r is not None for r in self.rows)
 
+    @classmethod
+    def of(cls, worker: int, first_key: int, ids: np.ndarray, lengths: np.ndarray,
+           counts: list[int]) -> list[Cut]:
+        """The `Cut`s of a worker's `_cut`: all windows' ids, each window's length, each
+        input's number of windows; keys from `first_key` on."""
+        ends = np.cumsum(lengths).tolist()
+        windows = [WindowIds(ids[end - n:end])
+                   for end, n in zip(ends, lengths.tolist(), strict=True)]
+        cuts, at = [], 0
+        for i, count in enumerate(counts):
+            cuts.append(cls(worker, first_key + i, windows[at:at + count]))
+            at += count
+        return cuts
+
 
 @dataclass
 class Shipment:
-    """Inputs whose rows are all in: the inputs, their windows' lengths (a check) and all the
-    windows' raw logits, concatenated."""
+    """Documents of one worker whose rows are all in: their keys, their windows' lengths (a
+    check) and all the windows' raw logits, concatenated."""
 
-    items: list[Any]
+    keys: list[int]
     lengths: np.ndarray  # [windows]
     logits: np.ndarray  # [tokens, labels]
 
     @classmethod
     def of(cls, cuts: Sequence[Cut]) -> Shipment:
-        return cls([c.item for c in cuts],
+        return cls([c.key for c in cuts],
                    np.array([len(w.ids) for c in cuts for w in c.windows], dtype=np.int64),
                    np.concatenate([r for c in cuts for r in c.rows]))
 
-    def documents(self, recognizer: Recognizer) -> list[Document]:
-        """The inputs cut again, with their rows (views of `logits`)."""
-        docs = recognizer.cut(self.items)
+    def documents(self, kept: dict[int, Document]) -> list[Document]:
+        """The documents (taken out of `kept`) with their rows, views of `logits`."""
+        docs = [kept.pop(key) for key in self.keys]
         lengths = [len(w.ids) for d in docs for w in d.windows]
         if lengths != self.lengths.tolist():
-            raise RuntimeError("NER worker: the inputs were cut into other windows than in the "
-                               "main process (a different tokenizer?)")
+            raise RuntimeError("NER worker: the documents' windows differ from the ones sent")
         if sum(lengths) != len(self.logits):
             raise RuntimeError(f"NER worker: {len(self.logits)} rows of logits for "
                                f"{sum(lengths)} tokens")
@@ -121,6 +125,7 @@ class _Worker:
         self.id2label = id2label
         self.max_length = max_length
         self.recognizers: dict[NerOptions, Recognizer] = {}
+        self.kept: dict[int, Document] = {}  # documents cut here, by key, until finished
 
     def recognizer(self, options: NerOptions) -> Recognizer:
         recognizer = self.recognizers.get(options)
@@ -130,8 +135,7 @@ class _Worker:
         return recognizer
 
     def finish(self, options: NerOptions, shipment: Shipment) -> list[NerResult]:
-        recognizer = self.recognizer(options)
-        return recognizer.finish(shipment.documents(recognizer))
+        return self.recognizer(options).finish(shipment.documents(self.kept))
 
 
 def _start(tokenizer_path: str, id2label: dict[int, str], max_length: int) -> None:
@@ -141,11 +145,13 @@ def _start(tokenizer_path: str, id2label: dict[int, str], max_length: int) -> No
     _worker = _Worker(tokenizer_path, id2label, max_length)
 
 
-def _cut(options: NerOptions, items: list[Any]) -> tuple[np.ndarray, np.ndarray, list[int], int]:
-    """The inputs' windows: all token ids (int32), each window's length, each input's number
-    of windows, and how many inputs were truncated."""
+def _cut(options: NerOptions, items: list[Any],
+         first_key: int) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+    """Cut and keep the inputs (keys from `first_key` on); their windows' token ids (int32),
+    each window's length, each input's number of windows, and how many were truncated."""
     assert _worker is not None
     docs = _worker.recognizer(options).cut(items)
+    _worker.kept.update(zip(itertools.count(first_key), docs))
     windows = [w for d in docs for w in d.windows]
     ids = (np.concatenate([w.ids for w in windows]).astype(np.int32) if windows
            else np.zeros(0, np.int32))
@@ -167,11 +173,19 @@ def _entities(options: NerOptions,
     return results, np.array(scores, dtype=np.float32)
 
 
-def _lines(options: NerOptions, shipment: Shipment, ids: list[Any]) -> bytes:
+def _lines(options: NerOptions, shipment: Shipment, ids: list[Any]) -> list[bytes]:
+    """Each document's JSONL output line."""
     from tagserve.corpus import json_lines
 
     assert _worker is not None
-    return json_lines(ids, _worker.finish(options, shipment))
+    results = _worker.finish(options, shipment)
+    return [json_lines([i], [r]) for i, r in zip(ids, results, strict=True)]
+
+
+def _forget() -> None:
+    """Drop the documents kept from an unfinished run."""
+    assert _worker is not None
+    _worker.kept.clear()
 
 
 def _each_entity(results: list[NerResult]) -> Iterator[dict[str, Any]]:
@@ -185,7 +199,7 @@ def _each_entity(results: list[NerResult]) -> Iterator[dict[str, Any]]:
 
 
 class Finished:
-    """The results of one shipped batch: `result()` waits for them."""
+    """The results of one shipment: `result()` waits for them."""
 
     def __init__(self, pool: NerPool, future: Future) -> None:
         self._pool = pool
@@ -203,8 +217,8 @@ class Finished:
 
 
 class NerPool:
-    """`workers` processes that finish NER documents of one model. Use as a context manager
-    or call `close()`; an unclosed pool is shut down at interpreter exit."""
+    """`workers` processes that cut and finish NER documents of one model. Use as a context
+    manager or call `close()`; an unclosed pool is shut down at interpreter exit."""
 
     def __init__(self, workers: int, tokenizer_path: str | Path, id2label: dict[int, str],
                  max_length: int) -> None:
@@ -212,12 +226,17 @@ class NerPool:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         self.broken = False
-        self._executor = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-            initargs=(str(tokenizer_path), dict(id2label), max_length))
-        # One no-op per worker now: all start (in parallel, ~1-2 s: they import tagserve)
-        # while the engine runs the first batches, instead of one by one on demand.
-        self._started = [self._executor.submit(os.getpid) for _ in range(workers)]
+        context = multiprocessing.get_context("spawn")
+        # One executor per process: a document is finished where it was cut.
+        self._executors = [ProcessPoolExecutor(
+            1, mp_context=context, initializer=_start,
+            initargs=(str(tokenizer_path), dict(id2label), max_length)) for _ in range(workers)]
+        self._next_key = 0
+        self._lock = threading.Lock()
+        self._turn = itertools.count()  # parts go to the workers in turn
+        # A no-op each now: all start (in parallel, ~1-2 s: they import tagserve) while the
+        # engine runs the first batches.
+        self._started = [executor.submit(os.getpid) for executor in self._executors]
 
     @classmethod
     def for_model(cls, workers: int, model_config: ModelConfig,
@@ -233,16 +252,21 @@ class NerPool:
         return self
 
     def prepare(self, recognizer: Recognizer, items: list[Any]) -> list[Cut]:
-        """`recognizer.prepare(items)` in the workers (spread over them), as `Cut`s."""
-        parts = max(1, min(self.workers, len(items) // MIN_TASK_DOCUMENTS))
+        """`recognizer.prepare(items)` in the workers, the inputs spread over them."""
+        parts = max(1, min(self.workers, len(items) // MIN_PART))
         bounds = np.linspace(0, len(items), parts + 1).astype(np.int64).tolist()
-        futures = [self._submit(_cut, recognizer.options, items[a:b])
-                   for a, b in itertools.pairwise(bounds)]
+        submitted = []
+        for a, b in itertools.pairwise(bounds):
+            with self._lock:  # callers may be threads of a pool
+                worker, first_key = next(self._turn) % self.workers, self._next_key
+                self._next_key += b - a
+            submitted.append((worker, first_key, self._submit(
+                worker, _cut, recognizer.options, items[a:b], first_key)))
         cuts, truncated = [], 0
-        for future, (a, b) in zip(futures, itertools.pairwise(bounds), strict=True):
-            windows = self.outcome(future)
-            cuts += Cut.of(items[a:b], *windows[:3])
-            truncated += windows[3]
+        for worker, first_key, future in submitted:
+            ids, lengths, counts, dropped = self.outcome(future)
+            cuts += Cut.of(worker, first_key, ids, lengths, counts)
+            truncated += dropped
         recognizer.warn_truncated(truncated)
         return cuts
 
@@ -250,39 +274,62 @@ class NerPool:
         """`prepare` and `finish` for `run_documents`, both in the workers."""
         return functools.partial(self.prepare, recognizer), PooledFinish(self, recognizer.options)
 
-    def submit(self, options: NerOptions, cuts: Sequence[Cut]) -> Finished:
-        """`Recognizer(options).finish` of the inputs in a worker."""
-        return Finished(self, self._submit(_entities, options, Shipment.of(cuts)))
+    def submit(self, options: NerOptions, cuts: Sequence[Cut]) -> list[tuple[Finished, int]]:
+        """`Recognizer(options).finish` of the cuts in their workers: per cut, its shipment's
+        `Finished` and its place in that shipment's results."""
+        placed: list[tuple[Finished, int]] = [None] * len(cuts)  # type: ignore[list-item]
+        for worker, positions in _by_worker(cuts).items():
+            finished = Finished(self, self._submit(worker, _entities, options,
+                                                   Shipment.of([cuts[i] for i in positions])))
+            for j, i in enumerate(positions):
+                placed[i] = (finished, j)
+        return placed
 
-    def lines(self, options: NerOptions, docs: Sequence[Cut],
-              ids: Sequence[Any]) -> list[Future[bytes]]:
-        """The JSONL output lines of `docs` (`ids`: their records' ids), as parts of the batch
-        spread over the workers; the parts' bytes, joined in order, are the batch's lines."""
-        if not docs:
-            return []
-        parts = max(1, min(self.workers, len(docs) // MIN_TASK_DOCUMENTS))
-        bounds = np.linspace(0, len(docs), parts + 1).astype(np.int64).tolist()
-        return [self._submit(_lines, options, Shipment.of(docs[a:b]), list(ids[a:b]))
-                for a, b in itertools.pairwise(bounds)]
-
-    def _submit(self, fn: Any, *args: Any) -> Future:
+    async def lines(self, options: NerOptions, cuts: Sequence[Cut], ids: Sequence[Any]) -> bytes:
+        """The JSONL output lines of the cuts (`ids`: their records' ids), in order."""
+        groups = _by_worker(cuts)
+        futures = [asyncio.wrap_future(self._submit(worker, _lines, options, Shipment.of(
+            [cuts[i] for i in positions]), [ids[i] for i in positions]))
+            for worker, positions in groups.items()]
+        out = [b""] * len(cuts)
         try:
-            return self._executor.submit(fn, *args)
+            parts = await asyncio.gather(*futures)
         except BrokenProcessPool as exc:
-            self.broken = True
-            raise NerWorkerError(f"The NER worker pool is broken: {exc}") from exc
+            raise self._died(exc) from exc
+        for positions, lines in zip(groups.values(), parts, strict=True):
+            for i, line in zip(positions, lines, strict=True):
+                out[i] = line
+        return b"".join(out)
+
+    def finished(self) -> None:
+        """End a run: workers drop what is left of it (after an error, say)."""
+        for executor in self._executors:
+            try:
+                executor.submit(_forget)
+            except BrokenProcessPool:
+                self.broken = True
+
+    def _submit(self, worker: int, fn: Any, *args: Any) -> Future:
+        try:
+            return self._executors[worker].submit(fn, *args)
+        except BrokenProcessPool as exc:
+            raise self._died(exc) from exc
 
     def outcome(self, future: Future) -> Any:
         """A task's result; its error, or `NerWorkerError` when a worker died."""
         try:
             return future.result()
         except BrokenProcessPool as exc:
-            self.broken = True
-            raise NerWorkerError("An NER worker process died (see its error above, on "
-                                 f"stderr): {exc}") from exc
+            raise self._died(exc) from exc
+
+    def _died(self, exc: BaseException) -> NerWorkerError:
+        self.broken = True
+        return NerWorkerError(f"An NER worker process died (see its error above, on stderr): "
+                              f"{exc}")
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> NerPool:
         return self
@@ -291,22 +338,30 @@ class NerPool:
         self.close()
 
 
+def _by_worker(cuts: Sequence[Cut]) -> dict[int, list[int]]:
+    """The cuts' positions, grouped by worker (in order within each)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, cut in enumerate(cuts):
+        groups[cut.worker].append(i)
+    return groups
+
+
 class PooledFinish:
-    """A `finish` for `run_documents` that ships each batch to the pool and returns one
-    placeholder per document (`collect` turns them into results, in order). At most
-    2 batches per worker are in flight: beyond that it waits for the oldest."""
+    """A `finish` for `run_documents` that ships each batch to the workers and returns one
+    placeholder per document (`collect` turns them into results, in order). At most 2
+    shipments per worker are in flight: beyond that it waits for the oldest."""
 
     def __init__(self, pool: NerPool, options: NerOptions) -> None:
         self.pool = pool
         self.options = options
         self._in_flight: deque[Finished] = deque()
 
-    def __call__(self, docs: list[Cut]) -> list[tuple[Finished, int]]:
-        while len(self._in_flight) >= 2 * self.pool.workers:
+    def __call__(self, cuts: list[Cut]) -> list[tuple[Finished, int]]:
+        placed = self.pool.submit(self.options, cuts)
+        self._in_flight.extend(dict.fromkeys(f for f, _ in placed))
+        while len(self._in_flight) > 2 * self.pool.workers:
             self._in_flight.popleft().result()
-        finished = self.pool.submit(self.options, docs)
-        self._in_flight.append(finished)
-        return [(finished, j) for j in range(len(docs))]
+        return placed
 
     def collect(self, placeholders: list[tuple[Finished, int]]) -> list[NerResult]:
         return [finished.result()[j] for finished, j in placeholders]
