@@ -234,7 +234,7 @@ class NerPool:
         self._next_key = 0
         self._lock = threading.Lock()
         self._turn = itertools.count()  # parts go to the workers in turn
-        # A no-op each now: all start (in parallel, ~1-2 s: they import tagserve) while the
+        # A no-op each now: all start (in parallel, a few seconds: they import tagserve) while the
         # engine runs the first batches.
         self._started = [executor.submit(os.getpid) for executor in self._executors]
 
