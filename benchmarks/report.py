@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from throughput import Measurement, WorkloadResult
 
-SYSTEMS = {"tagserve": "tagserve", "transformers": "transformers", "vllm": "vLLM CPU"}
+SYSTEMS = {"tagserve": "tagserve", "transformers": "transformers", "vllm": "vLLM CPU",
+           "vllm-float32": "vLLM CPU (float32)", "vllm-bfloat16": "vLLM CPU (bfloat16)"}
 MODES = {"e2e": "end to end (raw text)", "model": "model only (token ids)"}
 
 
@@ -95,7 +96,23 @@ def _main_table(result: WorkloadResult, peak: float) -> list[str]:
             sizes = [str(m.batch_size) if m and m.batch_size else "packed" for m in row.values()]
             cells.append(" / ".join(sizes) if system == "transformers" else "–")
             lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + _peer_ratio_lines(result)
+
+
+def _peer_ratio_lines(result: WorkloadResult) -> list[str]:
+    """tagserve over each vLLM peer, per corpus and mode."""
+    lines = [""]
+    for corpus in result.corpora:
+        for system, label in SYSTEMS.items():
+            if not system.startswith("vllm"):
+                continue
+            pairs = [(_find(result, corpus, "tagserve", m), _find(result, corpus, system, m))
+                     for m in MODES]
+            if all(a and b for a, b in pairs):
+                e2e, model = (a.tokens_per_s / b.tokens_per_s for a, b in pairs)
+                lines.append(f"- {corpus}: tagserve / {label}: e2e {ratio(e2e)}, "
+                             f"model {ratio(model)}")
+    return lines if len(lines) > 1 else []
 
 
 def _search_lines(result: WorkloadResult) -> list[str]:

@@ -92,6 +92,7 @@ class Settings:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     vllm_python: Path | None = None
+    vllm_dtypes: tuple[str, ...] = ()
     smoke: bool = False
     command: str = ""
 
@@ -135,6 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "cpu); e.g. bfloat16 on CPUs with AMX or AVX-512 bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--vllm-venv", help="CPU only: a venv with vLLM's CPU build, run as a peer")
+    p.add_argument("--vllm-dtypes", nargs="+", choices=("float32", "bfloat16"),
+                   help="vLLM's dtypes, each a peer of its own (default: tagserve's dtype)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"),
                    help="where built checkpoints are kept")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out",
@@ -172,7 +175,7 @@ def make_settings(args: argparse.Namespace, argv: Sequence[str]) -> Settings:
         check_texts=pick("check_texts"), warmup_texts=defaults["warmup_texts"],
         matmul_size=defaults["matmul_size"], cache=args.cache, out=args.out,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        vllm_python=venv, smoke=args.smoke,
+        vllm_python=venv, vllm_dtypes=tuple(args.vllm_dtypes or ()), smoke=args.smoke,
         command=" ".join(shlex.quote(a) for a in ["python", "benchmarks/throughput.py", *argv]))
 
 
@@ -423,17 +426,20 @@ def measure_transformers(st: Settings, ckpt: Path, corpora: dict[str, Corpus], r
 
 def measure_vllm(st: Settings, ckpt: Path, corpora: dict[str, Corpus], rec: Recorder,
                  outs: dict[str, Outputs]) -> None:
-    # vLLM has a bf16 CPU path too, so it runs in tagserve's dtype: same precision, same work.
-    dtype = str(st.tagserve_dtype).removeprefix("torch.")
-    log(f"vLLM CPU ({dtype}, subprocess)")
+    # vLLM has a bf16 CPU path too, so by default it runs in tagserve's dtype: same precision,
+    # same work. Other dtypes are extra peers ("vllm-float32").
+    same = str(st.tagserve_dtype).removeprefix("torch.")
     payload = {k: {"texts": c.texts, "token_ids": c.token_ids} for k, c in corpora.items()}
-    result = run_vllm(st.vllm_python, ckpt, payload, st.repeat, dtype, log=log)
-    if result is None:
-        return
-    for kind, corpus in corpora.items():
-        rec.add("vllm", "e2e", corpus, result[kind]["e2e_seconds"])
-        rec.add("vllm", "model", corpus, result[kind]["model_seconds"])
-        outs[f"vllm/{kind}"] = Outputs.from_argmax(result[kind]["argmax"])
+    for dtype in st.vllm_dtypes or (same,):
+        system = "vllm" if dtype == same else f"vllm-{dtype}"
+        log(f"vLLM CPU ({dtype}, subprocess)")
+        result = run_vllm(st.vllm_python, ckpt, payload, st.repeat, dtype, log=log)
+        if result is None:
+            continue
+        for kind, corpus in corpora.items():
+            rec.add(system, "e2e", corpus, result[kind]["e2e_seconds"])
+            rec.add(system, "model", corpus, result[kind]["model_seconds"])
+            outs[f"{system}/{kind}"] = Outputs.from_argmax(result[kind]["argmax"])
 
 
 # ---------------------------------------------------------------------------------- workload
@@ -445,7 +451,7 @@ def check_agreement(st: Settings, corpora: dict[str, Corpus], outs: dict[str, Ou
     checks: dict[str, dict[str, Any]] = {}
     for kind in corpora:
         ref = outs.get(f"transformers/{kind}")
-        for system in ("tagserve", "vllm"):
+        for system in ("tagserve", "vllm", "vllm-float32", "vllm-bfloat16"):
             if ref is not None and f"{system}/{kind}" in outs:
                 checks[f"{kind}: {system} vs transformers"] = agreement(outs[f"{system}/{kind}"],
                                                                         ref)
