@@ -37,7 +37,7 @@ import numpy as np
 from tagserve.config import ModelConfig
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.postprocess.ner import NerOptions, NerResult, Recognizer
-from tagserve.postprocess.windows import Document
+from tagserve.postprocess.windows import Document, WindowRows
 
 # Inputs per part when a call's inputs are spread over the workers, at least.
 MIN_PART = 16
@@ -52,7 +52,7 @@ class WindowIds(NamedTuple):
 
 
 @dataclass
-class Cut:
+class Cut(WindowRows):
     """An input as this process holds it: the worker that cut it and keeps its document, the
     document's key there, and its windows' token ids (all that `run_documents` needs)."""
 
@@ -60,13 +60,6 @@ class Cut:
     key: int
     windows: list[WindowIds]
     rows: list[np.ndarray | None] = field(init=False, repr=False)  # engine output per window
-
-    def __post_init__(self) -> None:
-        self.rows = [None] * len(self.windows)
-
-    @property
-    def complete(self) -> bool:
-        return all(r is not None for r in self.rows)
 
     @classmethod
     def of(cls, worker: int, first_key: int, ids: np.ndarray, lengths: np.ndarray,

@@ -59,15 +59,12 @@ class Window:
             self.content = ~np.isnan(np.asarray(encoding.sequence_ids, dtype=np.float64))
 
 
-@dataclass
-class Document:
-    """One input: the text that offsets index and its windows, in order."""
+class WindowRows:
+    """Something cut into `windows` that collects the engine's output `rows` of each window
+    (None until that window has run)."""
 
-    text: str
-    windows: list[Window]
-    stride: int
-    truncated: bool = False  # windows after the first were dropped (no stride given)
-    rows: list[np.ndarray | None] = field(init=False, repr=False)  # engine output per window
+    windows: Sequence[Any]
+    rows: list[np.ndarray | None]
 
     def __post_init__(self) -> None:
         self.rows = [None] * len(self.windows)
@@ -75,6 +72,17 @@ class Document:
     @property
     def complete(self) -> bool:
         return all(r is not None for r in self.rows)
+
+
+@dataclass
+class Document(WindowRows):
+    """One input: the text that offsets index and its windows, in order."""
+
+    text: str
+    windows: list[Window]
+    stride: int
+    truncated: bool = False  # windows after the first were dropped (no stride given)
+    rows: list[np.ndarray | None] = field(init=False, repr=False)  # engine output per window
 
     @cached_property
     def _layout(self) -> tuple[Window, list[np.ndarray]]:
