@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from throughput import Measurement, WorkloadResult
 
 SYSTEMS = {"tagserve": "tagserve", "transformers": "transformers", "vllm": "vLLM CPU",
-           "vllm-float32": "vLLM CPU (float32)", "vllm-bfloat16": "vLLM CPU (bfloat16)"}
+           "vllm-float32": "vLLM CPU (float32)", "vllm-bfloat16": "vLLM CPU (bfloat16)",
+           "vllm-float16": "vLLM CPU (float16, its default for float32 checkpoints on x86)"}
 MODES = {"e2e": "end to end (raw text)", "model": "model only (token ids)"}
 
 

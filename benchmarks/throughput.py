@@ -136,7 +136,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "cpu); e.g. bfloat16 on CPUs with AMX or AVX-512 bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--vllm-venv", help="CPU only: a venv with vLLM's CPU build, run as a peer")
-    p.add_argument("--vllm-dtypes", nargs="+", choices=("float32", "bfloat16"),
+    p.add_argument("--vllm-dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
                    help="vLLM's dtypes, each a peer of its own (default: tagserve's dtype)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"),
                    help="where built checkpoints are kept")
@@ -451,7 +451,7 @@ def check_agreement(st: Settings, corpora: dict[str, Corpus], outs: dict[str, Ou
     checks: dict[str, dict[str, Any]] = {}
     for kind in corpora:
         ref = outs.get(f"transformers/{kind}")
-        for system in ("tagserve", "vllm", "vllm-float32", "vllm-bfloat16"):
+        for system in ("tagserve", "vllm", "vllm-float32", "vllm-bfloat16", "vllm-float16"):
             if ref is not None and f"{system}/{kind}" in outs:
                 checks[f"{kind}: {system} vs transformers"] = agreement(outs[f"{system}/{kind}"],
                                                                         ref)
