@@ -468,8 +468,10 @@ class Generator:
         self.suffixes = pick(T.SUFFIXES)
         self.layouts = split_pool(T.FORM_LAYOUTS, split)
         if split == "train":
+            held = set(split_pool(T.FORM_LAYOUTS, "heldout"))
             self.layouts += [(kv, sep) for kv in T.TRAIN_KV_SEPARATORS
-                             for sep in T.TRAIN_FIELD_SEPARATORS]
+                             for sep in (*T.TRAIN_FIELD_SEPARATORS, *T.TRAIN_SYMBOL_SEPARATORS)
+                             if (kv, sep) not in held]
         self.form_keys = {lang: {f: split_pool(keys, split, every=3) for f, keys in d.items()}
                           for lang, d in T.FORM_KEYS.items()}
 
@@ -617,9 +619,10 @@ class Generator:
         out: list[Piece] = []
         for i, piece in enumerate(pieces):  # spaces (or a comma/colon) between pieces
             if i:
-                out.append((rng.choice((" ", " ", " ", ", ", ": ", " (")), None))
+                out.append((rng.choice((" ", " ", " ", ", ", ": ", " (", " / ", " | ", "; ",
+                                        " - ", "), ", ". ")), None))
             out.append(piece)
-        return out + [(rng.choice((".", ".", "", "!", "?", ")")), None)]
+        return out + [(rng.choice((".", ".", "", "!", "?", ")", " /", ";", ":", "...")), None)]
 
     def noise(self, pieces: list[Piece], lang: str) -> list[Piece]:
         """Replace ~20% of the context words by random common words (case kept)."""
@@ -646,6 +649,9 @@ class Generator:
         if rng.random() < 0.1:
             pieces = [*pieces, (" " + rng.choice(self.suffixes[lang]), None)]
         if self.split == "train":
+            if rng.random() < 0.06:
+                pieces = [(rng.choice(T.OPENERS[lang]) + rng.choice((" ", " ", "\n")), None),
+                          *pieces]
             if rng.random() < 0.1:
                 greeting = self.fill(rng.choice(T.GREETINGS[lang]), self.locale_for(lang))
                 pieces = [*greeting, (rng.choice((" ", "\n", "\n\n")), None), *pieces]

@@ -592,13 +592,37 @@ CLAUSES: dict[str, list[str]] = {
            "we verhuizen naar {COUNTRY}", "niemand nam op", "het kantoor zit aan {STREET}",
            "morgen bel ik met {ORG}", "het bedrag was {AMOUNT}"],
 }
+# Symbol connectors (" / ", " | ", ...) are shared by all languages: clauses and signature
+# lines are often joined by a bare symbol, and the symbol is O.
+SYMBOL_CONNECTORS: list[str] = [" / ", " | ", " // ", " || ", " \\ ", " / ", " | "]
 CONNECTORS: dict[str, list[str]] = {
-    "en": [", and ", ". ", "; ", " - ", ", but ", " because ", " and ", ", so ", ". Also, "],
-    "de": [", und ", ". ", "; ", " - ", ", aber ", ", weil ", " und ", ". Außerdem "],
-    "fr": [", et ", ". ", "; ", " - ", ", mais ", " parce que ", " et ", ". Par ailleurs, "],
-    "es": [", y ", ". ", "; ", " - ", ", pero ", " porque ", " y ", ". Además, "],
-    "it": [", e ", ". ", "; ", " - ", ", ma ", " perché ", " e ", ". Inoltre, "],
-    "nl": [", en ", ". ", "; ", " - ", ", maar ", " omdat ", " en ", ". Verder "],
+    lang: [*words, *SYMBOL_CONNECTORS] for lang, words in {
+        "en": [", and ", ". ", "; ", " - ", ", but ", " because ", " and ", ", so ", ". Also, "],
+        "de": [", und ", ". ", "; ", " - ", ", aber ", ", weil ", " und ", ". Außerdem "],
+        "fr": [", et ", ". ", "; ", " - ", ", mais ", " parce que ", " et ", ". Par ailleurs, "],
+        "es": [", y ", ". ", "; ", " - ", ", pero ", " porque ", " y ", ". Además, "],
+        "it": [", e ", ". ", "; ", " - ", ", ma ", " perché ", " e ", ". Inoltre, "],
+        "nl": [", en ", ". ", "; ", " - ", ", maar ", " omdat ", " en ", ". Verder "],
+    }.items()
+}
+
+# Training-only openers without a name (interjections, discourse markers, headers): a
+# capitalised word followed by a comma or colon at the start is not necessarily a name.
+OPENERS: dict[str, list[str]] = {
+    "en": ["Hey,", "Hey!", "Hi all,", "Hello everyone,", "Morning all,", "Ok,", "OK so", "So,",
+           "Well,", "Btw,", "BTW:", "Heads up:", "Good news:", "Sorry,", "Quick note:",
+           "Important:", "Yes,", "No,", "Thanks,", "Oh,", "Reminder -", "Update -", "Hmm,",
+           "Guys,", "Folks,", "Team,", "All,", "Question:", "Fwd:", "Subject:", "Summary:"],
+    "de": ["Hey,", "Hi zusammen,", "Moin,", "Also,", "Ach ja,", "Kurze Frage:", "Wichtig:",
+           "Danke,", "Ja,", "Nein,", "Achtung:", "Betreff:", "WG:", "Na,", "Übrigens:"],
+    "fr": ["Salut,", "Coucou,", "Bonsoir,", "Alors,", "Bon,", "Question :", "Important :",
+           "Merci,", "Oui,", "Non,", "Objet :", "TR :", "Attention :", "Au fait,"],
+    "es": ["Hey,", "Buenas,", "Bueno,", "Oye,", "Pregunta:", "Importante:", "Gracias,", "Sí,",
+           "No,", "Asunto:", "RV:", "Ojo:", "Por cierto,"],
+    "it": ["Ehi,", "Ciao a tutti,", "Allora,", "Dunque,", "Domanda:", "Importante:", "Grazie,",
+           "Sì,", "No,", "Oggetto:", "I:", "Attenzione:", "Comunque,"],
+    "nl": ["Hey,", "Hoi allemaal,", "Dus,", "Nou,", "Vraag:", "Belangrijk:", "Bedankt,", "Ja,",
+           "Nee,", "Onderwerp:", "FW:", "Let op:", "Trouwens,"],
 }
 
 # Training-only contexts: greetings before and sign-offs after a sentence, with a name in them
@@ -742,6 +766,12 @@ FORM_LAYOUTS: list[tuple[str, str]] = [
 TRAIN_KV_SEPARATORS: list[str] = [": ", ":", " = ", " -> ", " – ", "\t", " :: ", " > "]
 TRAIN_FIELD_SEPARATORS: list[str] = ["\n", ", ", "; ", " · ", " • ", " ; ", " -- ", "\n- ",
                                      "   ", " ~ ", " # ", "\n\n", " + ", " – ", ",\n", " * "]
+# Symbols that also occur inside values (slashes in URLs, dates and flat numbers, pipes), used
+# as field separators in training records too so that a separator is not read as part of the
+# value next to it; the exact (key/value, field) pairs of the held-out layouts are left out
+# (``data.Generator``), so every held-out layout stays unseen.
+TRAIN_SYMBOL_SEPARATORS: list[str] = [" / ", " | ", "/", "|", " // ", " || ", " \\ ", " /\n",
+                                      " |\n", "\t|\t", " ¦ "]
 
 # ----------------------------------------------------------------------------- word lists
 
