@@ -66,17 +66,19 @@ def bundled_model() -> Path:
     return DEFAULT_MODEL
 
 
-def _positive_int(text: str) -> int:
-    value = int(text) if text.strip().lstrip("+").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a decimal integer of at least `minimum` ("a {what} integer")."""
+
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("+").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text}")
+        return int(text)
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    if not text.strip().lstrip("+").isdigit():
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
-    return int(text)
+_positive_int = _int_at_least(1, "positive")
+_non_negative_int = _int_at_least(0, "non-negative")
 
 
 def _json_or_text(text: str) -> Any:
