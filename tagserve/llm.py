@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from collections import deque
@@ -10,12 +11,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from tokenizers import Encoding
 from tqdm.auto import tqdm
 
 from tagserve.config import POOLING_TASKS, PoolerConfig, check_removed_task
 from tagserve.engine.engine import LLMEngine
 from tagserve.engine.factory import EngineArgs, create_engine
-from tagserve.engine.inputs import Prompt, TokenizeParams, normalize_prompts, tokenize_prompts
+from tagserve.engine.inputs import (
+    Prompt,
+    TokenizeParams,
+    encode_texts,
+    normalize_prompts,
+    prompt_text,
+    tokenize_prompts,
+)
 from tagserve.engine.offline import progress_bar, run_requests
 from tagserve.engine.request import Request
 from tagserve.engine.tokenizer import Tokenizer
@@ -37,9 +46,10 @@ Please use one of the more specific methods or set the pooling_task when using `
   - For multi-vector retrieval, use `pooling_task="token_embed\""""
 
 # Prompts tokenized per call; the engine starts on the first chunk while the next is tokenized.
-# Chunks grow from the first size to the largest: the GPU starts after a few ms, and later
-# hand-offs are few.
-_FIRST_CHUNK, _CHUNK = 64, 2048
+# Chunks grow from the first size to the largest: the GPU starts after a few ms; the engine's
+# thread turns a chunk into requests between two steps (~10-30 us a prompt), so the largest
+# stays well under one batch's GPU time.
+_FIRST_CHUNK, _CHUNK = 64, 512
 
 
 def growing_chunks(n: int, first: int = _FIRST_CHUNK, largest: int = _CHUNK) -> list[range]:
@@ -136,10 +146,11 @@ class LLM:
 
         # Tokenize chunk k+1 in a thread while the engine runs chunk k.
         with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
-            pending = deque(pool.submit(self._make_requests, items, params, tokenize,
-                                        request_ids, chunk) for chunk in chunks)
+            pending = deque(pool.submit(self._encode_chunk, items, tokenize, chunk)
+                            for chunk in chunks)
             try:
-                run_requests(self.llm_engine, pending, finished)
+                run_requests(self.llm_engine, pending, finished, functools.partial(
+                    self._make_requests, items, params, tokenize, request_ids))
             finally:
                 for future in pending:
                     future.cancel()
@@ -223,11 +234,22 @@ class LLM:
                                      token_spans=[tuple(o) for o in whole.offsets.tolist()])
                 for i, (whole, rows) in zip(ids, docs, strict=True)]
 
+    def _encode_chunk(self, items: list[Prompt], tokenize: TokenizeParams,
+                      chunk: range) -> tuple[range, list[Encoding]]:
+        """The tokenizer thread's part: the chunk's texts through the Rust tokenizer, which
+        releases the GIL. Everything that makes Python objects runs on the engine's thread
+        (`_make_requests`): a second thread running Python would hold the GIL whenever the
+        engine's thread wakes from a CUDA wait or returns from a torch call, for up to the
+        interpreter's 5 ms switch interval each time."""
+        texts = [t for t in map(prompt_text, (items[i] for i in chunk)) if t is not None]
+        return chunk, encode_texts(texts, self.llm_engine.tokenizer, tokenize)
+
     def _make_requests(self, items: list[Prompt], params: list[PoolingParams],
                        tokenize: TokenizeParams, request_ids: list[str],
-                       chunk: range) -> list[Request]:
+                       encoded: tuple[range, list[Encoding]]) -> list[Request]:
+        chunk, encodings = encoded
         tokenized = tokenize_prompts([items[i] for i in chunk], self.llm_engine.tokenizer,
-                                     tokenize)
+                                     tokenize, encodings)
         return [Request(request_ids[i], t.token_ids, params[i], t.offsets, i)
                 for i, t in zip(chunk, tokenized, strict=True)]
 

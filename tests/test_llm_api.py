@@ -241,3 +241,29 @@ def test_prompt_chunks_grow_and_cover_every_prompt():
     assert [len(c) for c in chunks] == [64, 128, 256, 512, 1024, 2048, 968]
     assert [i for c in chunks for i in c] == list(range(5000))
     assert growing_chunks(0) == [] and [len(c) for c in growing_chunks(10)] == [10]
+
+
+def test_only_the_rust_tokenizer_runs_off_the_engine_thread(bert, monkeypatch):
+    """Python objects are made on the calling thread; the tokenizer thread only runs the Rust
+    encode (a second thread running Python would hold the GIL against the engine's)."""
+    import threading
+
+    import tagserve.llm as llm_module
+
+    threads: dict[str, set[str]] = {"encode": set(), "objects": set()}
+
+    def recording(name, fn):
+        def wrapped(*args, **kwargs):
+            threads[name].add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(llm_module, "encode_texts", recording("encode", llm_module.encode_texts))
+    monkeypatch.setattr(llm_module, "tokenize_prompts",
+                        recording("objects", llm_module.tokenize_prompts))
+    ids = bert.get_tokenizer().encode(sentences()[0])
+    prompts = [f"{sentences()[i % 4]} {i}" for i in range(300)] + [ids]
+    outputs = bert.encode(prompts, pooling_task="token_classify", use_tqdm=False)
+    assert len(outputs) == 301 and outputs[-1].prompt_token_ids == ids
+    assert threads["objects"] == {threading.current_thread().name}
+    assert threads["encode"] and all(t.startswith("tagserve-tokenize") for t in threads["encode"])

@@ -138,15 +138,26 @@ def _too_long(max_len: int, count: int, at_least: bool) -> ValidationError:
         parameter="input_tokens", value=count)
 
 
-def tokenize_prompts(prompts: list[Prompt], tokenizer: Tokenizer | None,
-                     params: TokenizeParams) -> list[TokenizedPrompt]:
-    """Tokenize all text prompts in one batched call; check every result against the limits."""
-    split = [_split_prompt(p) for p in prompts]
-    texts = [t for t, _ in split if t is not None]
-    if texts and tokenizer is None:
+def prompt_text(prompt: Prompt) -> str | None:
+    """The text `tokenize_prompts` will tokenize for this prompt, None for token ids; a cheap
+    look that validates nothing (so that another thread can start on the texts)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and "data" not in prompt:
+        return prompt.get("prompt")
+    return None
+
+
+def encode_texts(texts: list[str], tokenizer: Tokenizer | None,
+                 params: TokenizeParams) -> list[Encoding]:
+    """The Rust half of `tokenize_prompts`: the texts' length check and one batched encode,
+    which releases the GIL. Python objects per prompt are made by `tokenize_prompts`."""
+    if not texts:
+        return []
+    if tokenizer is None:
         raise ValidationError("Text prompts need a tokenizer; pass token ids instead.")
     max_len, n = params.max_model_len, params.truncate_to
-    if n is None and texts:
+    if n is None:
         limit = max_len * tokenizer.max_chars_per_token
         for text in texts:
             if len(text) > limit:
@@ -155,21 +166,30 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer: Tokenizer | None,
                     f"prompt contains {len(text)} characters (more than {limit} characters, "
                     f"which is the upper bound for {max_len} input tokens). Please reduce the "
                     "length of the input prompt.", parameter="input_text", value=len(text))
+    if n is not None and params.truncation_side is None:  # HF truncates content, keeps specials
+        return tokenizer.encode_batch_truncated(texts, n, tokenizer.truncation_side,
+                                                params.add_special_tokens, params.offsets)
+    return tokenizer.encode_batch(texts, params.add_special_tokens, params.offsets)
+
+
+def tokenize_prompts(prompts: list[Prompt], tokenizer: Tokenizer | None,
+                     params: TokenizeParams,
+                     encodings: list[Encoding] | None = None) -> list[TokenizedPrompt]:
+    """Tokenize all text prompts in one batched call (or take their `encode_texts` result);
+    check every result against the limits."""
+    split = [_split_prompt(p) for p in prompts]
+    texts = [t for t, _ in split if t is not None]
+    if encodings is None:
+        encodings = encode_texts(texts, tokenizer, params)
+    assert len(encodings) == len(texts), "encodings must be encode_texts of the prompts' texts"
+    max_len, n = params.max_model_len, params.truncate_to
     side = params.truncation_side or (tokenizer.truncation_side if tokenizer else "right")
-    if not texts:
-        encodings = iter([])
-    elif n is not None and params.truncation_side is None:  # HF truncates content, keeps specials
-        encodings = iter(tokenizer.encode_batch_truncated(texts, n, side,
-                                                          params.add_special_tokens,
-                                                          params.offsets))
-    else:
-        encodings = iter(tokenizer.encode_batch(texts, params.add_special_tokens,
-                                                params.offsets))
+    encoded = iter(encodings)
     out: list[TokenizedPrompt] = []
     for text, ids in split:
         offsets = None
         if text is not None:
-            enc = next(encodings)
+            enc = next(encoded)
             ids, offsets = enc.ids, LazyOffsets(enc) if params.offsets else None
         if n is not None and len(ids) > n:
             keep = slice(0, n) if side == "right" else slice(len(ids) - n, len(ids))

@@ -7,11 +7,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
 from tagserve.engine.engine import LLMEngine
 from tagserve.engine.request import Request
+
+T = TypeVar("T")
 
 # Progress bars appear from this many items on.
 TQDM_MIN_ITEMS = 64
@@ -39,18 +42,24 @@ def cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def run_requests(engine: LLMEngine, pending: deque[Future[list[Request]]],
-                 on_done: Callable[[list[Request]], None] | None = None) -> list[Request]:
-    """Run every request of every chunk; all requests in chunk order. `on_done(requests)`
-    follows each engine step with the requests it finished (on CUDA the next batch is already
-    queued on the device then, so work done there overlaps the model). A failed request
-    raises its error; whatever is still queued is dropped."""
+def run_requests(engine: LLMEngine, pending: deque[Future[T]],
+                 on_done: Callable[[list[Request]], None] | None = None,
+                 make: Callable[[T], list[Request]] | None = None) -> list[Request]:
+    """Run every request of every chunk; all requests in chunk order. A worker thread fills
+    `pending` (futures of request lists, or of what `make` turns into them here, on this
+    thread); a chunk is taken when it is ready, or waited for when the engine is idle. Taking
+    one chunk per step keeps this thread's share short while a batch runs.
+
+    `on_done(requests)` follows each engine step with the requests it finished (on CUDA the
+    next batch is already queued on the device then, so work done there overlaps the model).
+    A failed request raises its error; whatever is still queued is dropped."""
     results: list[Request] = []
     with cyclic_gc_paused():
         try:
             while pending or engine.has_unfinished_requests():
-                while pending and (pending[0].done() or len(engine.scheduler) == 0):
-                    chunk = pending.popleft().result()
+                if pending and (pending[0].done() or len(engine.scheduler) == 0):
+                    made = pending.popleft().result()
+                    chunk = make(made) if make is not None else made
                     results += chunk
                     # Similar lengths side by side: fewer attention groups on CPU.
                     engine.add_requests(sorted(chunk, key=lambda r: r.num_tokens))
