@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,10 +85,11 @@ def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
     raise RuntimeError("server did not become healthy in 300 s")
 
 
-async def _client(url: str, bodies: list[bytes],
-                  concurrency: int) -> tuple[list[float], int, float, float]:
+async def _client(url: str, bodies: list[bytes], concurrency: int,
+                  ready: Any) -> tuple[list[float], int, float, float]:
     """Send every body with at most `concurrency` in flight: latencies (s), tokens served and
-    the wall-clock start and end of the sending."""
+    the wall-clock start and end of the sending. Sending starts once every client process
+    has passed `ready` (a barrier), so slow process start-ups do not stretch the wall time."""
     import httpx
 
     latencies: list[float] = []
@@ -96,6 +98,7 @@ async def _client(url: str, bodies: list[bytes],
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         await client.get("/health")
+        ready.wait()
         begin = time.time()
 
         async def worker() -> None:
@@ -112,9 +115,9 @@ async def _client(url: str, bodies: list[bytes],
     return latencies, tokens, begin, time.time()
 
 
-def _client_proc(url: str, bodies: list[bytes], concurrency: int,
+def _client_proc(url: str, bodies: list[bytes], concurrency: int, ready: Any,
                  out: mp.Queue) -> None:
-    out.put(asyncio.run(_client(url, bodies, concurrency)))
+    out.put(asyncio.run(_client(url, bodies, concurrency, ready)))
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -134,10 +137,11 @@ def server_cpu(pid: int | None) -> tuple[float, float]:
 def run_load(url: str, bodies: list[bytes], concurrency: int, procs: int) -> dict:
     procs = max(1, min(procs, concurrency))
     shares = [bodies[i::procs] for i in range(procs)]
-    queue: mp.Queue = mp.get_context("spawn").Queue()
     ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    ready = ctx.Barrier(procs)
     workers = [ctx.Process(target=_client_proc, args=(url, share, max(1, concurrency // procs),
-                                                      queue)) for share in shares]
+                                                      ready, queue)) for share in shares]
     for w in workers:
         w.start()
     results = [queue.get() for _ in workers]
