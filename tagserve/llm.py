@@ -31,10 +31,10 @@ from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
 from tagserve.outputs import PoolingOutput, PoolingRequestOutput
 from tagserve.params import PoolingParams
-from tagserve.postprocess.documents import run_documents
+from tagserve.postprocess.documents import run_documents, tokenizer_thread
 from tagserve.postprocess.ner import NerOptions, NerResult, run_ner
 from tagserve.postprocess.ner_pool import NerPool
-from tagserve.postprocess.windows import cut_documents
+from tagserve.postprocess.windows import documents_of, encode_windows
 
 _TASK_REQUIRED = """pooling_task required for `LLM.encode`
 Please use one of the more specific methods or set the pooling_task when using `LLM.encode`:
@@ -221,12 +221,13 @@ class LLM:
         ids = [str(next(self._request_counter)) for _ in texts]
         bar = progress_bar(use_tqdm, len(texts), "Processed prompts")
         try:
-            docs = run_documents(
-                self.llm_engine, texts,
-                lambda items: cut_documents(tokenizer, items, window, stride),
-                lambda done: [(d.whole, d.merge_rows()) for d in done], params,
-                self._request_counter, mc.hf_config.num_labels,
-                None if bar is None else bar.update)
+            with tokenizer_thread(lambda items: encode_windows(tokenizer, items, window, stride),
+                                  lambda items, enc: documents_of(items, enc, stride)) as prepare:
+                docs = run_documents(
+                    self.llm_engine, texts, prepare,
+                    lambda done: [(d.whole, d.merge_rows()) for d in done], params,
+                    self._request_counter, mc.hf_config.num_labels,
+                    None if bar is None else bar.update)
         finally:
             if bar is not None:
                 bar.close()

@@ -1,13 +1,20 @@
 """Documents through the offline engine: every window of every document is its own request,
 packed into the same batches as all others; a document is handed on once all its windows are
-done, together with the others that completed in the same step."""
+done, together with the others that completed in the same step.
+
+Only the engine's thread runs Python here: inputs are tokenized in a thread that runs nothing
+but the Rust tokenizer, or in worker processes; documents, requests and results are made
+between engine steps, in bounded chunks."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -15,12 +22,61 @@ from tagserve.engine.engine import LLMEngine
 from tagserve.engine.offline import run_requests
 from tagserve.engine.request import Request
 from tagserve.params import PoolingParams
-from tagserve.postprocess.windows import Document
+from tagserve.postprocess.windows import Document, WindowRows
 
 R = TypeVar("R")
+E = TypeVar("E")
 
-# Inputs tokenized per call; the engine starts on the first chunk while the next is tokenized.
-CHUNK = 2048
+# Inputs per chunk: the first is small so that the engine starts after a few ms, later ones
+# grow to the largest. A chunk's requests are made on the engine's thread between two steps
+# (a few us an input), so the largest keeps that pause well under one batch's model time.
+FIRST_CHUNK, LARGEST_CHUNK = 64, 512
+# Chunks being prepared ahead of the one the engine takes (more would only queue up: in the
+# tokenizer thread, or in workers ahead of the documents they are to finish).
+AHEAD = 2
+
+
+class Prepared(Protocol):
+    """Inputs being cut into documents elsewhere (a thread, worker processes)."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Sequence[WindowRows]:
+        """The documents (waits for them); called on the engine's thread."""
+        ...
+
+    def cancel(self) -> None: ...
+
+
+class InThread:
+    """`Prepared` in two halves: `encode` (the Rust tokenizer, which releases the GIL) in a
+    thread, then `build` on the engine's thread. A second thread running Python would hold the
+    GIL whenever the engine's thread wakes from a CUDA wait or returns from a torch call, for up
+    to the interpreter's 5 ms switch interval each time."""
+
+    def __init__(self, future: Future[E], build: Callable[[E], Sequence[WindowRows]]) -> None:
+        self.future = future
+        self.build = build
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> Sequence[WindowRows]:
+        return self.build(self.future.result())
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+
+@contextmanager
+def tokenizer_thread(encode: Callable[[list[Any]], E],
+                     build: Callable[[list[Any], E], Sequence[WindowRows]],
+                     ) -> Iterator[Callable[[list[Any]], Prepared]]:
+    """A `prepare` for `run_documents` that runs `encode(items)` in a thread and
+    `build(items, encoded)` on the engine's."""
+    with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
+        yield lambda items: InThread(pool.submit(encode, items),
+                                     functools.partial(build, items))
 
 
 def windows_to_run(doc: Document, width: int) -> list[int]:
@@ -35,25 +91,59 @@ def windows_to_run(doc: Document, width: int) -> list[int]:
     return run
 
 
+class _Chunk:
+    """A chunk of inputs as `run_requests` takes it (`done`, `result`): prepared elsewhere once
+    started, turned into requests on the engine's thread by `make`."""
+
+    def __init__(self, chunk: range, start: Callable[[range], Prepared],
+                 make: Callable[[range, Sequence[WindowRows]], list[Request]]) -> None:
+        self.chunk = chunk
+        self._start = start
+        self._make = make
+        self.prepared: Prepared | None = None
+
+    def start(self) -> None:
+        if self.prepared is None:
+            self.prepared = self._start(self.chunk)
+
+    def done(self) -> bool:
+        return self.prepared is not None and self.prepared.done()
+
+    def result(self) -> list[Request]:
+        self.start()
+        assert self.prepared is not None
+        return self._make(self.chunk, self.prepared.result())
+
+    def cancel(self) -> None:
+        if self.prepared is not None:
+            self.prepared.cancel()
+
+
 def run_documents(engine: LLMEngine, items: Sequence[Any],
-                  prepare: Callable[[list[Any]], list[Document]],
-                  finish: Callable[[list[Document]], list[R]], params: PoolingParams,
+                  prepare: Callable[[list[Any]], Prepared],
+                  finish: Callable[[list[Any]], list[R]], params: PoolingParams,
                   request_ids: Iterator[int], width: int,
                   progress: Callable[[int], Any] | None = None) -> list[R]:
-    """`prepare` cuts a chunk of items into documents (in a worker thread); `finish` turns
-    documents whose rows (`Document.rows`, one array per window) are all in into results.
-    `width`: the row width, for windows without tokens (never sent to the engine)."""
+    """`prepare` starts cutting a chunk of items into documents elsewhere and returns at once
+    (see `tokenizer_thread`, `NerPool.start_cut`); `finish` turns documents whose rows
+    (`rows`, one array per window) are all in into results. Both are called on this (the
+    engine's) thread, between engine steps. `width`: the row width, for windows without tokens
+    (never sent to the engine)."""
     results: list[Any] = [None] * len(items)
-    owners: dict[str, tuple[int, Document, int]] = {}
-    ready: deque[tuple[int, Document]] = deque()
+    owners: dict[str, tuple[int, Any, int]] = {}
+    ready: deque[tuple[int, Any]] = deque()
 
-    def make(chunk: range) -> list[Request]:
+    def make(chunk: range, docs: Sequence[WindowRows]) -> list[Request]:
+        for ahead in itertools.islice(chunks, AHEAD):  # keep AHEAD chunks being prepared
+            ahead.start()
         requests = []
-        for i, doc in zip(chunk, prepare([items[i] for i in chunk]), strict=True):
+        for i, doc in zip(chunk, docs, strict=True):
             for k in windows_to_run(doc, width):
                 request_id = str(next(request_ids))
                 owners[request_id] = (i, doc, k)
-                requests.append(Request(request_id, doc.windows[k].ids.tolist(), params,
+                # ids as an int64 array: no list round trip (~10 us for 265 ids)
+                ids = np.asarray(doc.windows[k].ids, dtype=np.int64)
+                requests.append(Request(request_id, ids, params,  # type: ignore[arg-type]
                                         arrival_index=i))
             if doc.complete:
                 ready.append((i, doc))
@@ -72,13 +162,20 @@ def run_documents(engine: LLMEngine, items: Sequence[Any],
             if progress is not None:
                 progress(len(batch))
 
-    chunks = [range(s, min(s + CHUNK, len(items))) for s in range(0, len(items), CHUNK)]
-    with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
-        pending = deque(pool.submit(make, chunk) for chunk in chunks)
-        try:
-            run_requests(engine, pending, on_done)
-        finally:
-            for future in pending:
-                future.cancel()
+    def start(chunk: range) -> Prepared:
+        return prepare([items[i] for i in chunk])
+
+    from tagserve.llm import growing_chunks  # (tagserve.llm imports this module)
+
+    pending = deque(_Chunk(chunk, start, make)
+                    for chunk in growing_chunks(len(items), FIRST_CHUNK, LARGEST_CHUNK))
+    chunks = pending  # `make` starts the next ones as each is taken
+    for chunk in itertools.islice(pending, AHEAD):
+        chunk.start()
+    try:
+        run_requests(engine, pending, on_done)  # type: ignore[arg-type]
+    finally:
+        for chunk in pending:
+            chunk.cancel()
     on_done([])  # documents without any token
     return results

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+from tokenizers import Encoding
 from tqdm.auto import tqdm
 
 from tagserve.config import ModelConfig
@@ -24,7 +25,7 @@ from tagserve.engine.offline import progress_bar
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
 from tagserve.params import PoolingParams
-from tagserve.postprocess.documents import run_documents, windows_to_run
+from tagserve.postprocess.documents import run_documents, tokenizer_thread, windows_to_run
 from tagserve.postprocess.entities import (
     BIO_MODES,
     STRATEGIES,
@@ -32,7 +33,13 @@ from tagserve.postprocess.entities import (
     Sequences,
     softmax,
 )
-from tagserve.postprocess.windows import Document, Window, cut_documents, merge_entities
+from tagserve.postprocess.windows import (
+    Document,
+    Window,
+    documents_of,
+    encode_windows,
+    merge_entities,
+)
 
 if TYPE_CHECKING:
     from tagserve.postprocess.ner_pool import NerPool
@@ -168,15 +175,29 @@ class Recognizer:
 
     def prepare(self, items: list[Any]) -> list[Document]:
         """`cut` the inputs, warning about truncated ones."""
-        docs = self.cut(items)
-        self.warn_truncated(sum(d.truncated for d in docs))
-        return docs
+        return self.prepared(items, self.encode(items))
 
     def cut(self, items: list[Any]) -> list[Document]:
         """Tokenize the inputs and cut them into windows (the same ones every time)."""
+        return self.documents(items, self.encode(items))
+
+    def encode(self, items: list[Any]) -> list[list[Encoding]]:
+        """The Rust half of `cut` (releases the GIL): each input's windows' encodings."""
         o = self.options
-        return cut_documents(self.tokenizer, items, self.max_length, o.stride,
-                             is_split_into_words=o.is_split_into_words, delimiter=o.delimiter)
+        return encode_windows(self.tokenizer, items, self.max_length, o.stride,
+                              is_split_into_words=o.is_split_into_words)
+
+    def documents(self, items: list[Any], encodings: list[list[Encoding]]) -> list[Document]:
+        """The Python half of `cut`: the documents of `encode(items)`."""
+        o = self.options
+        return documents_of(items, encodings, o.stride,
+                            is_split_into_words=o.is_split_into_words, delimiter=o.delimiter)
+
+    def prepared(self, items: list[Any], encodings: list[list[Encoding]]) -> list[Document]:
+        """`prepare` from `encode(items)`."""
+        docs = self.documents(items, encodings)
+        self.warn_truncated(sum(d.truncated for d in docs))
+        return docs
 
     def warn_truncated(self, truncated: int) -> None:
         if truncated:
@@ -263,20 +284,26 @@ def run_ner(engine: LLMEngine, inputs: Any, options: NerOptions, request_ids: It
     handed to them)."""
     recognizer = Recognizer.for_model(engine.model_config, engine.tokenizer, options)
     items, single = recognizer.inputs(inputs)
-    prepare, finish = ((recognizer.prepare, recognizer.finish) if pool is None
-                       else pool.stages(recognizer))
     bar = progress_bar(use_tqdm, len(items), "Recognized entities")
     try:
+        if pool is None:
+            with tokenizer_thread(recognizer.encode, recognizer.prepared) as prepare:
+                return _one_or_all(run_documents(
+                    engine, items, prepare, recognizer.finish, logits_params(engine.model_config),
+                    request_ids, recognizer.width, None if bar is None else bar.update), single)
+        prepare, finish = pool.stages(recognizer)
         results = run_documents(engine, items, prepare, finish,
                                 logits_params(engine.model_config), request_ids,
                                 recognizer.width, None if bar is None else bar.update)
-        if pool is not None:
-            results = finish.collect(results)
+        return _one_or_all(finish.collect(results), single)
     finally:
         if bar is not None:
             bar.close()
         if pool is not None:
             pool.finished()
+
+
+def _one_or_all(results: list[NerResult], single: bool) -> NerResult | list[NerResult]:
     return results[0] if single else results
 
 

@@ -23,6 +23,8 @@ import functools
 import itertools
 import multiprocessing
 import os
+import pickle
+import sys
 import threading
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
@@ -48,7 +50,7 @@ class NerWorkerError(RuntimeError):
 
 
 class WindowIds(NamedTuple):
-    ids: np.ndarray  # [n] int32
+    ids: np.ndarray  # [n] int64 (int32 on the way from the worker)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Cut(WindowRows):
            counts: list[int]) -> list[Cut]:
         """The `Cut`s of a worker's `_cut`: all windows' ids, each window's length, each
         input's number of windows; keys from `first_key` on."""
+        ids = ids.astype(np.int64)  # the engine's requests take int64 arrays as they are
         ends = np.cumsum(lengths).tolist()
         windows = [WindowIds(ids[end - n:end])
                    for end, n in zip(ends, lengths.tolist(), strict=True)]
@@ -131,11 +134,27 @@ class _Worker:
         return self.recognizer(options).finish(shipment.documents(self.kept))
 
 
+# The workers are the parallelism: each runs one thread of Rust tokenizer, numpy and (if
+# something imported it) torch; thread pools of their own would compete with the engine's
+# process and the other workers for the cores.
+SINGLE_THREADED = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1",
+                   "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def _start(tokenizer_path: str, id2label: dict[int, str], max_length: int) -> None:
     global _worker
-    # The workers are the parallelism: the Rust tokenizer runs on one thread in each.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.update(SINGLE_THREADED)
+    torch = sys.modules.get("torch")  # imported with tagserve; workers never run torch ops
+    if torch is not None:
+        torch.set_num_threads(1)
     _worker = _Worker(tokenizer_path, id2label, max_length)
+
+
+def _settings() -> dict[str, Any]:
+    """A worker's thread settings (for tests)."""
+    torch = sys.modules.get("torch")
+    return {**{k: os.environ.get(k) for k in SINGLE_THREADED},
+            "torch_threads": None if torch is None else torch.get_num_threads()}
 
 
 def _cut(options: NerOptions, items: list[Any],
@@ -152,18 +171,20 @@ def _cut(options: NerOptions, items: list[Any],
             [len(d.windows) for d in docs], sum(d.truncated for d in docs))
 
 
-def _entities(options: NerOptions,
-              shipment: Shipment) -> tuple[list[NerResult], np.ndarray | None]:
-    """The results, their scores moved out into one float32 array (None: left in place)."""
+def _entities(options: NerOptions, shipment: Shipment) -> bytes:
+    """The results and their scores, moved out into one float32 array (None: left in place),
+    pickled here: the parent's executor thread then receives one bytes object (no Python work
+    there, beside the engine's thread) and the engine's thread unpickles it."""
     assert _worker is not None
     results = _worker.finish(options, shipment)
     entities = list(_each_entity(results))
     scores = [e["score"] for e in entities]
     if not all(type(s) is np.float32 for s in scores):
-        return results, None
+        return pickle.dumps((results, None), protocol=pickle.HIGHEST_PROTOCOL)
     for entity in entities:
         entity["score"] = None  # keeps the key's place in the dict
-    return results, np.array(scores, dtype=np.float32)
+    return pickle.dumps((results, np.array(scores, dtype=np.float32)),
+                        protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _lines(options: NerOptions, shipment: Shipment, ids: list[Any]) -> list[bytes]:
@@ -199,9 +220,12 @@ class Finished:
         self._future = future
         self._results: list[NerResult] | None = None
 
+    def done(self) -> bool:
+        return self._future.done()
+
     def result(self) -> list[NerResult]:
         if self._results is None:
-            results, scores = self._pool.outcome(self._future)
+            results, scores = pickle.loads(self._pool.outcome(self._future))
             if scores is not None:
                 for entity, score in zip(_each_entity(results), scores, strict=True):
                     entity["score"] = score
@@ -246,6 +270,10 @@ class NerPool:
 
     def prepare(self, recognizer: Recognizer, items: list[Any]) -> list[Cut]:
         """`recognizer.prepare(items)` in the workers, the inputs spread over them."""
+        return self.start_cut(recognizer, items).result()
+
+    def start_cut(self, recognizer: Recognizer, items: list[Any]) -> CutInWorkers:
+        """`prepare` started: returns at once (a `Prepared` for `run_documents`)."""
         parts = max(1, min(self.workers, len(items) // MIN_PART))
         bounds = np.linspace(0, len(items), parts + 1).astype(np.int64).tolist()
         submitted = []
@@ -255,17 +283,12 @@ class NerPool:
                 self._next_key += b - a
             submitted.append((worker, first_key, self._submit(
                 worker, _cut, recognizer.options, items[a:b], first_key)))
-        cuts, truncated = [], 0
-        for worker, first_key, future in submitted:
-            ids, lengths, counts, dropped = self.outcome(future)
-            cuts += Cut.of(worker, first_key, ids, lengths, counts)
-            truncated += dropped
-        recognizer.warn_truncated(truncated)
-        return cuts
+        return CutInWorkers(self, recognizer, submitted)
 
     def stages(self, recognizer: Recognizer) -> tuple[Any, PooledFinish]:
         """`prepare` and `finish` for `run_documents`, both in the workers."""
-        return functools.partial(self.prepare, recognizer), PooledFinish(self, recognizer.options)
+        return (functools.partial(self.start_cut, recognizer),
+                PooledFinish(self, recognizer.options))
 
     def submit(self, options: NerOptions, cuts: Sequence[Cut]) -> list[tuple[Finished, int]]:
         """`Recognizer(options).finish` of the cuts in their workers: per cut, its shipment's
@@ -339,10 +362,41 @@ def _by_worker(cuts: Sequence[Cut]) -> dict[int, list[int]]:
     return groups
 
 
+class CutInWorkers:
+    """Inputs being cut in the workers (`NerPool.start_cut`); `result()` makes their `Cut`s
+    here, on the caller's (the engine's) thread."""
+
+    def __init__(self, pool: NerPool, recognizer: Recognizer,
+                 submitted: list[tuple[int, int, Future]]) -> None:
+        self.pool = pool
+        self.recognizer = recognizer
+        self.submitted = submitted
+
+    def done(self) -> bool:
+        return all(future.done() for _, _, future in self.submitted)
+
+    def result(self) -> list[Cut]:
+        cuts, truncated = [], 0
+        for worker, first_key, future in self.submitted:
+            ids, lengths, counts, dropped = self.pool.outcome(future)
+            cuts += Cut.of(worker, first_key, ids, lengths, counts)
+            truncated += dropped
+        self.recognizer.warn_truncated(truncated)
+        return cuts
+
+    def cancel(self) -> None:
+        for _, _, future in self.submitted:
+            future.cancel()
+
+
 class PooledFinish:
     """A `finish` for `run_documents` that ships each batch to the workers and returns one
-    placeholder per document (`collect` turns them into results, in order). At most 2
-    shipments per worker are in flight: beyond that it waits for the oldest."""
+    placeholder per document (`collect` turns them into results, in order). Shipments whose
+    results are back are unpickled on each call (on the engine's thread, while the device runs
+    the next batch) rather than all at the end. At most `IN_FLIGHT` shipments per worker are
+    outstanding: beyond that it waits for the oldest (the workers are behind the engine)."""
+
+    IN_FLIGHT = 8
 
     def __init__(self, pool: NerPool, options: NerOptions) -> None:
         self.pool = pool
@@ -350,9 +404,11 @@ class PooledFinish:
         self._in_flight: deque[Finished] = deque()
 
     def __call__(self, cuts: list[Cut]) -> list[tuple[Finished, int]]:
+        while self._in_flight and self._in_flight[0].done():
+            self._in_flight.popleft().result()
         placed = self.pool.submit(self.options, cuts)
         self._in_flight.extend(dict.fromkeys(f for f, _ in placed))
-        while len(self._in_flight) > 2 * self.pool.workers:
+        while len(self._in_flight) > self.IN_FLIGHT * self.pool.workers:
             self._in_flight.popleft().result()
         return placed
 

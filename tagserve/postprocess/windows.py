@@ -149,22 +149,40 @@ def cut_documents(tokenizer: Tokenizer, inputs: Sequence[str] | Sequence[Sequenc
                   delimiter: str = " ") -> list[Document]:
     """Tokenize and cut every input. `stride=None` keeps the first window only (transformers'
     truncation). Word input is joined with `delimiter`; offsets index that joined text."""
+    encodings = encode_windows(tokenizer, inputs, max_length, stride,
+                               is_split_into_words=is_split_into_words)
+    return documents_of(inputs, encodings, stride, is_split_into_words=is_split_into_words,
+                        delimiter=delimiter)
+
+
+def encode_windows(tokenizer: Tokenizer, inputs: Sequence[str] | Sequence[Sequence[str]],
+                   max_length: int, stride: int | None, *,
+                   is_split_into_words: bool = False) -> list[list[Encoding]]:
+    """The Rust half of `cut_documents`: each input's windows as encodings (the batched encode
+    releases the GIL, so another thread can run it beside the engine)."""
     words = [list(x) for x in inputs] if is_split_into_words else None
-    encodings = tokenizer.encode_windows(words if words is not None else list(inputs),
-                                         max_length, stride or 0, is_split_into_words)
+    return tokenizer.encode_windows(words if words is not None else list(inputs),
+                                    max_length, stride or 0, is_split_into_words)
+
+
+def documents_of(inputs: Sequence[str] | Sequence[Sequence[str]],
+                 encodings: list[list[Encoding]], stride: int | None, *,
+                 is_split_into_words: bool = False, delimiter: str = " ") -> list[Document]:
+    """The Python half of `cut_documents`: `Document`s of the inputs' `encode_windows`."""
     kept = [windows if stride is not None else windows[:1] for windows in encodings]
     flat = Window.from_encodings([e for windows in kept for e in windows])
     docs, at = [], 0
     for i, windows in enumerate(kept):
         doc_windows, at = flat[at:at + len(windows)], at + len(windows)
         text = inputs[i]
-        if words is not None:
-            lengths = np.fromiter(map(len, words[i]), dtype=np.int64, count=len(words[i]))
+        if is_split_into_words:
+            words = list(inputs[i])
+            lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
             starts = np.cumsum(lengths + len(delimiter)) - lengths - len(delimiter)
-            text = delimiter.join(words[i])
-        if words is not None or len(windows) > 1:
+            text = delimiter.join(words)
+        if is_split_into_words or len(windows) > 1:
             for window, encoding in zip(doc_windows, windows, strict=True):
-                window.add_encoding_details(encoding, starts if words is not None else None,
+                window.add_encoding_details(encoding, starts if is_split_into_words else None,
                                             len(windows) > 1)
         docs.append(Document(text, doc_windows, stride or 0,
                              stride is None and len(encodings[i]) > 1))

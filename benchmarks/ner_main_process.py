@@ -1,0 +1,203 @@
+"""The engine process's cost of NER at GPU speed, measured on a CPU box with an emulated GPU.
+
+The real model is swapped for `EmulatedGpu`: a token's logits are a row of a per-token-id
+table (so a chosen share of tokens is tagged as entities), and a batch "runs" for
+`tokens / --gpu-tokens-per-s` seconds: `collect` sleeps until the batch would be done, with the
+GIL released, as a CUDA wait does. Batches are pipelined as on CUDA (`step()` launches batch
+k+1, then returns batch k). What this measures is everything the engine's process does
+around the model, which is what decides whether post-processing keeps up with an H200:
+
+- main thread CPU per text (`time.thread_time` of the calling thread: scheduling, packing,
+  requests, `finish` or shipping, results);
+- other threads' CPU per text in the engine process (tokenizer thread, executor threads):
+  Python there holds the GIL against the main thread;
+- wake-up delay: how much later than asked the main thread came back from the emulated GPU
+  waits, per batch (the GIL convoy: a busy Python thread makes it wait up to the 5 ms switch
+  interval each time);
+- workers' CPU per text (from /proc, all worker processes together);
+- wall time against `LLM.encode` of the same texts on the same emulated GPU: the share
+  `ner / encode - 1`. On a small box the workers' CPU, not the engine's, bounds the wall time
+  with workers; the per-text numbers above are what carry over to the GPU host.
+
+    python benchmarks/ner_main_process.py --num-texts 2000 --workers 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from workloads import WORKLOADS, build_checkpoint, make_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Flight:
+    requests: list[Any]
+    done_at: float
+
+
+class EmulatedGpu:
+    """A model runner whose "GPU" takes `tokens / rate` seconds a batch and whose logits are
+    `table[token id]`; `collect` waits for the batch with the GIL released."""
+
+    pipelined = True
+
+    def __init__(self, table: np.ndarray, tokens_per_s: float) -> None:
+        self.table = table
+        self.rate = tokens_per_s
+        self.reset()
+
+    def reset(self) -> None:
+        self.free_at = 0.0  # when the emulated device finishes what is queued
+        self.idle = 0.0  # seconds the device waited for a batch, after the first
+        self.wake_delay = 0.0
+        self.waits = 0
+
+    def launch(self, requests: list[Any]) -> Flight:
+        tokens = sum(r.num_tokens for r in requests)
+        now = time.perf_counter()
+        if self.free_at and now > self.free_at:
+            self.idle += now - self.free_at
+        self.first = self.first if self.free_at else now
+        self.free_at = max(self.free_at, now) + tokens / self.rate
+        return Flight(requests, self.free_at)
+
+    def collect(self, flight: Flight) -> list[torch.Tensor]:
+        wait = flight.done_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+            self.wake_delay += time.perf_counter() - flight.done_at
+            self.waits += 1
+        return [torch.from_numpy(self.table[r.ids]) for r in flight.requests]
+
+
+def logits_table(vocab: int, labels: int, share: float, seed: int = 0) -> np.ndarray:
+    """Per token id, logits where a `share` of the ids get an entity label (a random one)."""
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0, 1, (vocab, labels)).astype(np.float32)
+    table[:, 0] += 4.0  # "O" wins ...
+    entity = rng.random(vocab) < share
+    table[entity, 0] -= 8.0  # ... except for these ids
+    return table
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def timed(llm: Any, fn: Any, gpu: EmulatedGpu, pids: list[int]) -> dict[str, float]:
+    gc.collect()
+    gpu.reset()
+    workers = cpu_of(pids)
+    process, thread, start = time.process_time(), time.thread_time(), time.perf_counter()
+    out = fn()
+    end = time.perf_counter()
+    wall, thread = end - start, time.thread_time() - thread
+    process = time.process_time() - process
+    return {"wall": wall, "main": thread, "others": process - thread,
+            "workers": cpu_of(pids) - workers, "wake_delay": gpu.wake_delay,
+            "waits": gpu.waits, "head": gpu.first - start, "idle": gpu.idle,
+            "tail": end - gpu.free_at, "out": out}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", default="W4a", choices=sorted(WORKLOADS))
+    p.add_argument("--num-texts", type=int, default=2000)
+    p.add_argument("--corpus", default="mixed", choices=("mixed", "short50"))
+    p.add_argument("--workers", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--strategies", nargs="+", default=["simple"])
+    p.add_argument("--entity-share", type=float, default=0.085,
+                   help="share of token ids tagged as entities (by the logits table)")
+    p.add_argument("--gpu-tokens-per-s", type=float, default=1.9e6,
+                   help="the emulated GPU's speed (W1 on an H200, model only: ~1.9M)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=2, help="best of this many runs (by wall)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"))
+    p.add_argument("--json", type=Path, metavar="PATH")
+    args = p.parse_args()
+    sys.path.insert(0, str(REPO))
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from tagserve import LLM
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    spec = WORKLOADS[args.workload]
+    ckpt = build_checkpoint(spec, args.cache)
+    texts = make_corpus(args.corpus, args.num_texts, AutoTokenizer.from_pretrained(str(ckpt)),
+                        spec.max_len).texts
+    llm = LLM(str(ckpt), device="cpu", max_num_seqs=args.max_num_seqs)
+    labels = llm.model_config.hf_config.num_labels
+    gpu = EmulatedGpu(logits_table(llm.get_tokenizer().vocab_size, labels, args.entity_share),
+                      args.gpu_tokens_per_s)
+    llm.llm_engine.runner = gpu
+    n = len(texts)
+    rows = []
+
+    def report(path: str, strategy: str, workers: int, r: dict[str, Any], base: float) -> None:
+        row = {"path": path, "strategy": strategy, "workers": workers, "texts": n,
+               **{k: v for k, v in r.items() if k != "out"},
+               "share": r["wall"] / base - 1 if base else None}
+        rows.append(row)
+        us = {k: 1e6 * row[k] / n for k in ("main", "others", "workers", "wall")}
+        print(f"| {path} | {strategy} | {workers} | {row['wall']:.3f} | "
+              + ("-" if base is None else f"{100 * row['share']:.1f}%")
+              + f" | {us['main']:.1f} | {us['others']:.1f} | {us['workers']:.0f} | "
+              f"{1e3 * row['wake_delay'] / max(row['waits'], 1):.2f} | {row['waits']} | "
+              f"{row['head']:.3f} | {row['idle']:.3f} | {row['tail']:.3f} |",
+              flush=True)
+
+    def best(fn: Any, pids: list[int]) -> dict[str, Any]:
+        return min((timed(llm, fn, gpu, pids) for _ in range(args.repeat)),
+                   key=lambda r: r["wall"])
+
+    print(f"{args.workload} tokenizer, {n} texts, emulated GPU {args.gpu_tokens_per_s:.3g} "
+          f"tokens/s, entity share {args.entity_share}, torch threads {args.threads}, "
+          f"{os.cpu_count()} cores\n\n| path | strategy | workers | wall s | share | main thread "
+          "us/text | other threads us/text | workers us/text | wake-up delay ms/wait | "
+          "waits | before the first batch s | device idle between batches s | after the last s |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    encode = lambda: llm.encode(texts, pooling_task="token_classify", use_tqdm=False)  # noqa: E731
+    encode()
+    base = best(encode, [])
+    report("encode", "-", 0, base, None)
+    base_wall = base["wall"]
+    for workers in args.workers:
+        llm.ner_workers = workers
+        pids = [f.result() for f in llm._shared_ner_pool().ready()._started] if workers else []
+        for strategy in args.strategies:
+            llm.ner(texts[:256], aggregation_strategy=strategy, use_tqdm=False)  # warm-up
+            r = best(lambda s=strategy: llm.ner(texts, aggregation_strategy=s, use_tqdm=False),
+                     pids)
+            report("llm.ner", strategy, workers, r, base_wall)
+    llm.ner_workers = 0
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "engine"
+    raise SystemExit(main())
