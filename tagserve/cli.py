@@ -115,6 +115,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Requests with more inputs get 413 (default: %(default)s).")
     server.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info",
                         choices=LOG_LEVELS, help="Log level (default: %(default)s).")
+    server.add_argument("--api-server-count", type=_positive_int, default=1, metavar="N",
+                        help="API processes (HTTP, tokenization, response bodies) in front of "
+                             "one engine process; 1 (default) serves from this process alone. "
+                             "More pays when one process cannot feed the model (GPU).")
     server.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="No log line per HTTP request (it costs the event loop about "
                              "0.1 ms a request).")
@@ -194,6 +198,13 @@ def run_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = server_settings(args)
+        if args.api_server_count > 1:
+            from tagserve.server.multiproc import serve_multiprocess
+
+            return serve_multiprocess(
+                engine_args(args), settings, host=args.host, port=args.port,
+                api_server_count=args.api_server_count, log_level=args.log_level,
+                access_log=not args.disable_uvicorn_access_log)
         engine = AsyncEngine.from_engine_args(engine_args(args))
     except (ValidationError, ModelLoadError) as exc:
         logger.error("Cannot serve %s: %s", args.model or "the bundled model", exc)

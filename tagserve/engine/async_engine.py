@@ -41,7 +41,7 @@ BatchListener = Callable[[list[Request]], None]
 INLINE_TOKENIZE_SIZE = 2048
 
 
-def _inline_size(prompts: list[Prompt]) -> int:
+def inline_size(prompts: list[Prompt]) -> int:
     """Characters or token ids of string and list prompts; prompt dicts count as large."""
     return sum(len(p) if isinstance(p, (str, list)) else INLINE_TOKENIZE_SIZE + 1
                for p in prompts)
@@ -146,12 +146,7 @@ class AsyncEngine:
         return await self.run_in_pool(self._tokenize, prompts, params)
 
     def _tokenize(self, prompts: list[Prompt], params: TokenizeParams) -> list[TokenizedPrompt]:
-        tokenized = tokenize_prompts(prompts, self.tokenizer, params)
-        vocab_size = self.model_config.hf_config.get("vocab_size")
-        for prompt in tokenized:
-            if prompt.text is None:
-                check_token_ids(prompt.token_ids, vocab_size)
-        return tokenized
+        return tokenize_checked(prompts, self.tokenizer, params, self.model_config)
 
     async def encode(self, prompts: list[TokenizedPrompt],
                      params: PoolingParams) -> list[torch.Tensor]:
@@ -181,7 +176,7 @@ class AsyncEngine:
             except BaseException as exc:  # noqa: BLE001 - raised in the caller
                 loop.call_soon_threadsafe(_set_exception, pending.future, exc)
 
-        if _inline_size(prompts) <= self.inline_tokenize_size:
+        if inline_size(prompts) <= self.inline_tokenize_size:
             tokenize_and_queue()
         else:
             self._pool.submit(tokenize_and_queue)
@@ -315,6 +310,17 @@ def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
 def _set_result(future: asyncio.Future, result: Any) -> None:
     if not future.done():
         future.set_result(result)
+
+
+def tokenize_checked(prompts: list[Prompt], tokenizer: Tokenizer | None,
+                     params: TokenizeParams, model_config: ModelConfig) -> list[TokenizedPrompt]:
+    """`tokenize_prompts`, and token-id prompts checked against the vocabulary."""
+    tokenized = tokenize_prompts(prompts, tokenizer, params)
+    vocab_size = model_config.hf_config.get("vocab_size")
+    for prompt in tokenized:
+        if prompt.text is None:
+            check_token_ids(prompt.token_ids, vocab_size)
+    return tokenized
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int | None) -> None:

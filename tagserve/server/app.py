@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from tagserve import __version__
 from tagserve.engine.async_engine import AsyncEngine
+from tagserve.server.engine_client import EngineClient
 from tagserve.server.errors import InternalErrorMiddleware, install_error_handlers
 from tagserve.server.metrics import ServerMetrics
 from tagserve.server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
@@ -15,8 +16,10 @@ from tagserve.server.settings import ServerSettings
 from tagserve.server.state import ServerState
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
-    """Routes, error mapping and middleware; the engine's lifetime belongs to the caller."""
+def build_app(engine: AsyncEngine | EngineClient, settings: ServerSettings) -> FastAPI:
+    """Routes, error mapping and middleware; the engine's lifetime belongs to the caller.
+    `engine` is the engine itself, or (in an API process of a multi-process server) the
+    client of the engine process."""
     app = FastAPI(title="tagserve", version=__version__,
                   description="Token classification with vLLM's Pooling API.")
     app.state.tagserve = ServerState(engine, settings, ServerMetrics(engine))

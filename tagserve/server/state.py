@@ -9,13 +9,14 @@ from fastapi import Depends, Request
 
 from tagserve.engine.async_engine import AsyncEngine
 from tagserve.errors import ModelNotFoundError
+from tagserve.server.engine_client import EngineClient
 from tagserve.server.metrics import ServerMetrics
 from tagserve.server.settings import ServerSettings
 
 
 @dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: AsyncEngine | EngineClient
     settings: ServerSettings
     metrics: ServerMetrics
 
