@@ -25,7 +25,7 @@ from tagserve.engine.inputs import (
     prompt_text,
     tokenize_prompts,
 )
-from tagserve.engine.offline import progress_bar, run_requests
+from tagserve.engine.offline import growing_chunks, progress_bar, run_requests
 from tagserve.engine.request import Request
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
@@ -44,22 +44,6 @@ Please use one of the more specific methods or set the pooling_task when using `
   - For rewards, use `LLM.reward(...)` or `pooling_task="token_classify"`
   - For token classification, use `pooling_task="token_classify"`
   - For multi-vector retrieval, use `pooling_task="token_embed\""""
-
-# Prompts tokenized per call; the engine starts on the first chunk while the next is tokenized.
-# Chunks grow from the first size to the largest: the GPU starts after a few ms; the engine's
-# thread turns a chunk into requests between two steps (~10-30 us a prompt), so the largest
-# stays well under one batch's GPU time.
-_FIRST_CHUNK, _CHUNK = 64, 512
-
-
-def growing_chunks(n: int, first: int = _FIRST_CHUNK, largest: int = _CHUNK) -> list[range]:
-    """`range(n)` cut into consecutive chunks of `first`, `2 * first`, ... up to `largest`."""
-    chunks, start, size = [], 0, first
-    while start < n:
-        chunks.append(range(start, min(start + size, n)))
-        start, size = start + size, min(2 * size, largest)
-    return chunks
-
 
 class LLM:
     """Load a token-classification checkpoint and run it: `LLM(model).encode(prompts, ...)`."""

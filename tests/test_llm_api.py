@@ -235,7 +235,7 @@ def test_truncated_ids_and_offsets_match_hf(family, make_checkpoint):
 
 
 def test_prompt_chunks_grow_and_cover_every_prompt():
-    from tagserve.llm import growing_chunks
+    from tagserve.engine.offline import growing_chunks
 
     chunks = growing_chunks(5000, first=64, largest=2048)
     assert [len(c) for c in chunks] == [64, 128, 256, 512, 1024, 2048, 968]

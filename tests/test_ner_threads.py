@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tagserve.engine.offline import growing_chunks
 from tagserve.postprocess import documents, ner_pool
 from tagserve.postprocess.ner import Recognizer
 from tagserve.postprocess.ner_pool import CutInWorkers, NerPool
@@ -56,7 +57,7 @@ def test_chunks_are_prepared_two_ahead_of_the_engine(bert, monkeypatch):
         original(chunk)
 
     monkeypatch.setattr(documents._Chunk, "start", start)
-    monkeypatch.setattr(documents, "LARGEST_CHUNK", 64)
+    monkeypatch.setattr(documents, "growing_chunks", lambda n: growing_chunks(n, 64, 64))
     bert.ner(TEXTS, use_tqdm=False)
     assert started == list(range(0, len(TEXTS), 64))
 

@@ -20,6 +20,22 @@ T = TypeVar("T")
 TQDM_MIN_ITEMS = 64
 
 
+# Prompts tokenized per call; the engine starts on the first chunk while the next is tokenized.
+# Chunks grow from the first size to the largest: the GPU starts after a few ms; the engine's
+# thread turns a chunk into requests between two steps (~10-30 us a prompt), so the largest
+# stays well under one batch's GPU time.
+FIRST_CHUNK, LARGEST_CHUNK = 64, 512
+
+
+def growing_chunks(n: int, first: int = FIRST_CHUNK, largest: int = LARGEST_CHUNK) -> list[range]:
+    """`range(n)` cut into consecutive chunks of `first`, `2 * first`, ... up to `largest`."""
+    chunks, start, size = [], 0, first
+    while start < n:
+        chunks.append(range(start, min(start + size, n)))
+        start, size = start + size, min(2 * size, largest)
+    return chunks
+
+
 def progress_bar(use_tqdm: bool | Callable[..., tqdm], total: int, desc: str) -> tqdm | None:
     if not use_tqdm or total < TQDM_MIN_ITEMS:
         return None

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from tagserve.engine.engine import LLMEngine
-from tagserve.engine.offline import run_requests
+from tagserve.engine.offline import growing_chunks, run_requests
 from tagserve.engine.request import Request
 from tagserve.params import PoolingParams
 from tagserve.postprocess.windows import Document, WindowRows
@@ -27,12 +27,9 @@ from tagserve.postprocess.windows import Document, WindowRows
 R = TypeVar("R")
 E = TypeVar("E")
 
-# Inputs per chunk: the first is small so that the engine starts after a few ms, later ones
-# grow to the largest. A chunk's requests are made on the engine's thread between two steps
-# (a few us an input), so the largest keeps that pause well under one batch's model time.
-FIRST_CHUNK, LARGEST_CHUNK = 64, 512
-# Chunks being prepared ahead of the one the engine takes (more would only queue up: in the
-# tokenizer thread, or in workers ahead of the documents they are to finish).
+# Inputs are taken in `growing_chunks`, as `LLM.encode` takes prompts. Chunks being prepared
+# ahead of the one the engine takes (more would only queue up: in the tokenizer thread, or in
+# workers ahead of the documents they are to finish).
 AHEAD = 2
 
 
@@ -165,10 +162,7 @@ def run_documents(engine: LLMEngine, items: Sequence[Any],
     def start(chunk: range) -> Prepared:
         return prepare([items[i] for i in chunk])
 
-    from tagserve.llm import growing_chunks  # (tagserve.llm imports this module)
-
-    pending = deque(_Chunk(chunk, start, make)
-                    for chunk in growing_chunks(len(items), FIRST_CHUNK, LARGEST_CHUNK))
+    pending = deque(_Chunk(chunk, start, make) for chunk in growing_chunks(len(items)))
     chunks = pending  # `make` starts the next ones as each is taken
     for chunk in itertools.islice(pending, AHEAD):
         chunk.start()
