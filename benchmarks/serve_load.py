@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -49,6 +51,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="override the workload's concurrency")
     p.add_argument("--client-procs", type=int, default=4, help="client processes for W3")
     p.add_argument("--encoding-format", default="float", choices=("float", "base64"))
+    p.add_argument("--client-parse", default="full", choices=("full", "usage"),
+                   help="full: parse each response as JSON (what a client does); usage: read "
+                   "only its token count (when the clients are the bottleneck)")
+    p.add_argument("--api-server-count", type=int,
+                   help="pass `--api-server-count N` to the server (N API processes)")
     p.add_argument("--server-args", default="--max-num-batched-tokens 32768 --max-num-seqs 1024 "
                    "--disable-uvicorn-access-log", help="extra flags for `tagserve serve`")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"))
@@ -67,6 +74,8 @@ def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
     port = free_port()
     cmd = [sys.executable, "-m", "tagserve.cli", "serve", str(model), "--port", str(port),
            "--device", args.device, "--served-model-name", "bench", *args.server_args.split()]
+    if args.api_server_count:
+        cmd += ["--api-server-count", str(args.api_server_count)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -85,11 +94,15 @@ def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
     raise RuntimeError("server did not become healthy in 300 s")
 
 
-async def _client(url: str, bodies: list[bytes], concurrency: int,
-                  ready: Any) -> tuple[list[float], int, float, float]:
-    """Send every body with at most `concurrency` in flight: latencies (s), tokens served and
-    the wall-clock start and end of the sending. Sending starts once every client process
-    has passed `ready` (a barrier), so slow process start-ups do not stretch the wall time."""
+_USAGE = re.compile(rb'"usage":\{"prompt_tokens":(\d+)')
+
+
+async def _client(url: str, bodies: list[bytes], concurrency: int, ready: Any,
+                  parse: str) -> tuple[list[float], int, float, float, float]:
+    """Send every body with at most `concurrency` in flight: latencies (s), tokens served,
+    the wall-clock start and end of the sending and this process's CPU seconds meanwhile.
+    Sending starts once every client process has passed `ready` (a barrier), so slow process
+    start-ups do not stretch the wall time."""
     import httpx
 
     latencies: list[float] = []
@@ -99,7 +112,7 @@ async def _client(url: str, bodies: list[bytes], concurrency: int,
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         await client.get("/health")
         ready.wait()
-        begin = time.time()
+        begin, cpu = time.time(), time.process_time()
 
         async def worker() -> None:
             nonlocal tokens
@@ -109,15 +122,20 @@ async def _client(url: str, bodies: list[bytes], concurrency: int,
                                       headers={"Content-Type": "application/json"})
                 latencies.append(time.perf_counter() - start)
                 r.raise_for_status()
-                tokens += r.json()["usage"]["prompt_tokens"]
+                if parse == "full":
+                    tokens += r.json()["usage"]["prompt_tokens"]
+                else:
+                    tail = max(0, len(r.content) - 200)
+                    tokens += int(_USAGE.search(r.content, tail).group(1))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, tokens, begin, time.time()
+        end, cpu = time.time(), time.process_time() - cpu
+    return latencies, tokens, begin, end, cpu
 
 
-def _client_proc(url: str, bodies: list[bytes], concurrency: int, ready: Any,
+def _client_proc(url: str, bodies: list[bytes], concurrency: int, ready: Any, parse: str,
                  out: mp.Queue) -> None:
-    out.put(asyncio.run(_client(url, bodies, concurrency, ready)))
+    out.put(asyncio.run(_client(url, bodies, concurrency, ready, parse)))
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -127,21 +145,40 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def server_cpu(pid: int | None) -> tuple[float, float]:
-    """CPU seconds of the whole server and of its main thread (the event loop); 0 unknown."""
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    found, todo = [pid], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+    return found
+
+
+def server_cpu(pid: int | None) -> tuple[float, float, float]:
+    """CPU seconds of the whole server (every process), of its event loops (the main thread
+    of each API process with --api-server-count, else of the server) and of its engine
+    process (0 without one); all 0 when unknown."""
     if pid is None or not Path(f"/proc/{pid}/stat").exists():
-        return 0.0, 0.0
-    return cpu_seconds(pid), cpu_seconds(pid, pid)
+        return 0.0, 0.0, 0.0
+    names = {p: Path(f"/proc/{p}/comm").read_text().strip() for p in _tree(pid)}
+    apis = [p for p, name in names.items() if name.startswith("tagserve-api")] or [pid]
+    engines = [p for p, name in names.items() if name == "tagserve-engine"]
+    return (sum(cpu_seconds(p) for p in names), sum(cpu_seconds(p, p) for p in apis),
+            sum(cpu_seconds(p) for p in engines))
 
 
-def run_load(url: str, bodies: list[bytes], concurrency: int, procs: int) -> dict:
+def run_load(url: str, bodies: list[bytes], concurrency: int, procs: int,
+             parse: str = "full") -> dict:
     procs = max(1, min(procs, concurrency))
     shares = [bodies[i::procs] for i in range(procs)]
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     ready = ctx.Barrier(procs)
     workers = [ctx.Process(target=_client_proc, args=(url, share, max(1, concurrency // procs),
-                                                      ready, queue)) for share in shares]
+                                                      ready, parse, queue)) for share in shares]
     for w in workers:
         w.start()
     results = [queue.get() for _ in workers]
@@ -153,7 +190,8 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, procs: int) -> dic
     return {"requests": len(lat), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "requests_per_s": len(lat) / wall, "p50_ms": float(np.percentile(lat, 50)),
             "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99)),
-            "concurrency": concurrency}
+            "concurrency": concurrency,
+            "client_cpu_ms_per_req": sum(r[4] for r in results) / len(lat) * 1e3}
 
 
 def request_bodies(texts: list[str], per_request: int, n: int, fmt: str) -> list[bytes]:
@@ -193,30 +231,33 @@ def main() -> None:
             texts = [" ".join(w[: max(1, int(len(w) * tokens / 50))]) for w in words]
             bodies = request_bodies(texts, per_request, n, args.encoding_format)
             run_load(url, bodies[: min(len(bodies), 2 * concurrency)], concurrency,
-                     args.client_procs)  # warm-up
+                     args.client_procs, args.client_parse)  # warm-up
             before = server_cpu(proc and proc.pid)
             result = run_load(url, bodies, concurrency, args.client_procs if concurrency > 1
-                              else 1)
+                              else 1, args.client_parse)
             after = server_cpu(proc and proc.pid)
             per_request_ms = [(b - a) / result["requests"] * 1e3
                               for a, b in zip(before, after, strict=True)]
             rows.append({"workload": name, "texts_per_request": per_request,
                          "tokens_per_text": tokens, **result,
                          "server_cpu_ms_per_req": per_request_ms[0],
-                         "loop_cpu_ms_per_req": per_request_ms[1]})
+                         "loop_cpu_ms_per_req": per_request_ms[1],
+                         "engine_cpu_ms_per_req": per_request_ms[2]})
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"# serve_load: {' '.join(sys.argv[1:])}\n")
     print("| workload | texts/req | concurrency | requests | tokens/s | req/s | p50 ms | p90 ms "
-          "| p99 ms | server CPU ms/req | event loop CPU ms/req |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| p99 ms | server CPU ms/req | event loops CPU ms/req | engine process CPU ms/req "
+          "| client CPU ms/req |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['workload']} | {r['texts_per_request']} | {r['concurrency']} | "
               f"{r['requests']} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:,.0f} | "
               f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['server_cpu_ms_per_req']:.2f} | {r['loop_cpu_ms_per_req']:.2f} |")
+              f"{r['server_cpu_ms_per_req']:.2f} | {r['loop_cpu_ms_per_req']:.2f} | "
+              f"{r['engine_cpu_ms_per_req']:.2f} | {r['client_cpu_ms_per_req']:.2f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"argv": sys.argv, "pid": os.getpid(), "rows": rows},

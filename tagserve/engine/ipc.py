@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import struct
 from collections.abc import Callable, Sequence
@@ -85,15 +86,13 @@ def encode_calls(calls: Sequence[CallSpec]) -> list[Payload]:
     table: dict[str, int] = {}
     meta = np.empty(len(calls), dtype=_CALL)
     lengths: list[int] = []
-    arrays: list[np.ndarray] = []
     for i, (call_id, prompts, params) in enumerate(calls):
         key = json.dumps([getattr(params, name) for name in _PARAM_FIELDS])
         meta[i] = (call_id, len(prompts), table.setdefault(key, len(table)))
-        for ids in prompts:
-            lengths.append(len(ids))
-            arrays.append(np.asarray(ids, dtype=np.int64))
+        lengths += map(len, prompts)
     lens = np.asarray(lengths, dtype="<u4")
-    ids = np.concatenate(arrays) if arrays else np.empty(0, np.int64)
+    prompts_ids = itertools.chain.from_iterable(p for _, prompts, _ in calls for p in prompts)
+    ids = np.fromiter(prompts_ids, np.int64, sum(lengths))
     params_json = ("[" + ",".join(table) + "]").encode()
     header = _HEADER.pack(CALLS, len(calls), len(lengths), len(params_json))
     return [header, meta.tobytes(), lens.tobytes(), bytes(_pad8(lens.nbytes)),
@@ -170,14 +169,19 @@ def decode_results(payload: bytearray) -> tuple[list[tuple[int, list[torch.Tenso
         if len(payload) > offset else torch.empty(0)
     results, seq, start = [], 0, 0
     for call_id, prompts, _ in meta.tolist():
-        tensors = []
-        for ndim, num_rows, cols, _ in seqs[seq:seq + prompts]:
-            size = num_rows * cols
-            flat = data[start:start + size]
-            tensors.append(flat.view(num_rows, cols) if ndim == 2 else flat)
-            start += size
-        results.append((call_id, tensors))
+        shapes = seqs[seq:seq + prompts]
         seq += prompts
+        size = sum(rows * cols for _, rows, cols, _ in shapes)
+        flat, start = data[start:start + size], start + size
+        if shapes and all(ndim == 2 and cols == shapes[0][2] for ndim, _, cols, _ in shapes):
+            # The usual case, rows of one width: one split makes all the views.
+            tensors = list(flat.view(-1, shapes[0][2]).split([rows for _, rows, _, _ in shapes]))
+        else:
+            tensors, at = [], 0
+            for ndim, rows, cols, _ in shapes:
+                part, at = flat[at:at + rows * cols], at + rows * cols
+                tensors.append(part.view(rows, cols) if ndim == 2 else part)
+        results.append((call_id, tensors))
     return results, num_waiting
 
 
