@@ -83,6 +83,15 @@ def process_named(pids: set[int], name: str) -> int:
     return pid
 
 
+def names(pid: int) -> set[str]:
+    """The names of the processes below `pid`."""
+    found = set()
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            found.add(Path(f"/proc/{child}/comm").read_text().strip())
+    return found
+
+
 def assert_all_gone(pids: set[int], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while any(running(p) for p in pids):
@@ -135,9 +144,11 @@ def multiproc_server(ckpt: Path, log: Path, *flags: str,
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             time.sleep(0.2)
+        # /health answers once one API process is up; wait for the other to name itself.
+        while not {"tagserve-engine", "tagserve-api0", "tagserve-api1"} <= names(process.pid):
+            assert time.monotonic() < deadline, f"processes: {names(process.pid)}"
+            time.sleep(0.2)
         served = Served(url, process, log)
-        names = sorted(Path(f"/proc/{p}/comm").read_text().strip() for p in served.children)
-        assert {"tagserve-engine", "tagserve-api0", "tagserve-api1"} <= set(names), names
         yield served
         if process.poll() is None:  # not already stopped by the block
             served.stop(stop)
