@@ -16,6 +16,7 @@ import cProfile
 import multiprocessing as mp
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 import threading
@@ -116,6 +117,7 @@ def main() -> None:
     thread.join()
     engine.terminate()
     engine.join()
+    shutil.rmtree(workdir, ignore_errors=True)
 
     n = result["requests"]
     print(f"# profile_api_process: {' '.join(sys.argv[1:])}")
