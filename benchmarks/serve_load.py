@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workloads import WORKLOADS, build_checkpoint, make_corpus, smoke_spec  # noqa: E402
 
 LOADS = {  # name: (texts per request, tokens per text, concurrency)
     "W3": (16, 50, 256),
@@ -208,6 +207,10 @@ def request_bodies(texts: list[str], per_request: int, n: int, fmt: str) -> list
 def main() -> None:
     args = parse_args()
     loads = args.workload or ["W3", "W5"]
+    # Imported here, not at the top: the spawned client processes import this script, and
+    # torch + transformers cost them seconds each (tens of seconds on a slow shared host).
+    from workloads import WORKLOADS, build_checkpoint, make_corpus, smoke_spec
+
     if args.model in WORKLOADS:
         spec = WORKLOADS[args.model]
         spec = smoke_spec(spec) if args.smoke else spec
