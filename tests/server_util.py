@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -23,10 +23,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
-def serve_process(ckpt: Path, log: Path, *flags: str) -> Iterator[str]:
-    """Run `tagserve serve` on a free loopback port until the block ends; yields its URL.
-    Its log is shown if it fails to start."""
+def start_serve(ckpt: Path, log: Path, flags: Sequence[str],
+                timeout: float = STARTUP_TIMEOUT) -> tuple[subprocess.Popen, str]:
+    """Start `tagserve serve` on a free loopback port and wait until `/health` answers; the
+    process and its URL. Its log is shown if it fails to start."""
     port = free_port()
     env = {**os.environ, "TAGSERVE_API_KEY": "", "VLLM_API_KEY": ""}
     with log.open("w") as out:
@@ -35,15 +35,26 @@ def serve_process(ckpt: Path, log: Path, *flags: str) -> Iterator[str]:
              "--log-level", "warning", *flags], stdout=out, stderr=subprocess.STDOUT, env=env,
             cwd=REPO)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             assert process.poll() is None, f"server exited:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
+                    return process, url
             time.sleep(0.2)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+
+
+@contextlib.contextmanager
+def serve_process(ckpt: Path, log: Path, *flags: str) -> Iterator[str]:
+    """Run `tagserve serve` on a free loopback port until the block ends; yields its URL."""
+    process, url = start_serve(ckpt, log, flags)
+    try:
         yield url
     finally:
         process.terminate()

@@ -33,7 +33,14 @@ from test_server_process import (  # noqa: F401
 
 from tagserve import LLM
 
-from server_util import REPO, STARTUP_TIMEOUT, assert_error, free_port, serve_process
+from server_util import (
+    REPO,
+    STARTUP_TIMEOUT,
+    assert_error,
+    free_port,
+    serve_process,
+    start_serve,
+)
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 FLAGS = ("--pooler-config.task", "token_classify", "--max-num-seqs", "64")
@@ -127,23 +134,10 @@ def multiproc_server(ckpt: Path, log: Path, *flags: str,
                      stop: int = signal.SIGTERM) -> Iterator[Served]:
     """`tagserve serve --api-server-count 2 FLAGS` until the block ends, then stopped with
     `stop` (unless the block stopped it); checks that no process is left."""
-    port = free_port()
-    env = {**os.environ, "TAGSERVE_API_KEY": "", "VLLM_API_KEY": ""}
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tagserve.cli", "serve", str(ckpt), "--port", str(port),
-             "--log-level", "warning", "--api-server-count", "2", *flags],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_serve(ckpt, log, ["--api-server-count", "2", *flags],
+                               2 * STARTUP_TIMEOUT)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
     try:
-        deadline = time.monotonic() + 2 * STARTUP_TIMEOUT
-        while True:
-            assert process.poll() is None, f"server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
         # /health answers once one API process is up; wait for the other to name itself.
         while not {"tagserve-engine", "tagserve-api0", "tagserve-api1"} <= names(process.pid):
             assert time.monotonic() < deadline, f"processes: {names(process.pid)}"
