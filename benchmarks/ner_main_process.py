@@ -1,7 +1,7 @@
 """The engine process's cost of NER at GPU speed, measured on a CPU box with an emulated GPU.
 
-The real model is swapped for `EmulatedGpu`: a token's logits are a row of a per-token-id
-table (so a chosen share of tokens is tagged as entities), and a batch "runs" for
+The real model is swapped for `EmulatedGpu` (`emulated_gpu.py`): a token's logits are a row
+of a per-token-id table (so a chosen share of tokens is tagged as entities), and a batch "runs" for
 `tokens / --gpu-tokens-per-s` seconds: `collect` sleeps until the batch would be done, with the
 GIL released, as a CUDA wait does. Batches are pipelined as on CUDA (`step()` launches batch
 k+1, then returns batch k). What this measures is everything the engine's process does
@@ -31,67 +31,15 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from emulated_gpu import EmulatedGpu, logits_table
 from workloads import WORKLOADS, build_checkpoint, make_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Flight:
-    requests: list[Any]
-    done_at: float
-
-
-class EmulatedGpu:
-    """A model runner whose "GPU" takes `tokens / rate` seconds a batch and whose logits are
-    `table[token id]`; `collect` waits for the batch with the GIL released."""
-
-    pipelined = True
-
-    def __init__(self, table: np.ndarray, tokens_per_s: float) -> None:
-        self.table = table
-        self.rate = tokens_per_s
-        self.reset()
-
-    def reset(self) -> None:
-        self.free_at = 0.0  # when the emulated device finishes what is queued
-        self.idle = 0.0  # seconds the device waited for a batch, after the first
-        self.wake_delay = 0.0
-        self.waits = 0
-
-    def launch(self, requests: list[Any]) -> Flight:
-        tokens = sum(r.num_tokens for r in requests)
-        now = time.perf_counter()
-        if self.free_at and now > self.free_at:
-            self.idle += now - self.free_at
-        self.first = self.first if self.free_at else now
-        self.free_at = max(self.free_at, now) + tokens / self.rate
-        return Flight(requests, self.free_at)
-
-    def collect(self, flight: Flight) -> list[torch.Tensor]:
-        wait = flight.done_at - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-            self.wake_delay += time.perf_counter() - flight.done_at
-            self.waits += 1
-        return [torch.from_numpy(self.table[r.ids]) for r in flight.requests]
-
-
-def logits_table(vocab: int, labels: int, share: float, seed: int = 0) -> np.ndarray:
-    """Per token id, logits where a `share` of the ids get an entity label (a random one)."""
-    rng = np.random.default_rng(seed)
-    table = rng.normal(0, 1, (vocab, labels)).astype(np.float32)
-    table[:, 0] += 4.0  # "O" wins ...
-    entity = rng.random(vocab) < share
-    table[entity, 0] -= 8.0  # ... except for these ids
-    return table
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -134,6 +82,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"))
     p.add_argument("--json", type=Path, metavar="PATH")
+    p.add_argument("--profile", type=Path, metavar="PATH",
+                   help="after the timed runs, cProfile one in-process `llm.ner` call per "
+                        "strategy (the engine thread only) and write PATH.<strategy>.prof")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     from transformers import AutoTokenizer
@@ -192,6 +143,16 @@ def main() -> int:
                      pids)
             report("llm.ner", strategy, workers, r, base_wall)
     llm.ner_workers = 0
+    if args.profile:
+        import cProfile
+        import pstats
+        for strategy in args.strategies:
+            profile = cProfile.Profile()
+            profile.runcall(llm.ner, texts, aggregation_strategy=strategy, use_tqdm=False)
+            path = args.profile.with_name(f"{args.profile.name}.{strategy}.prof")
+            profile.dump_stats(path)
+            print(f"\n{strategy}: {path}")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "rows": rows}, indent=1))

@@ -23,7 +23,7 @@ from tagserve.engine.inputs import (
     encode_texts,
     normalize_prompts,
     prompt_text,
-    tokenize_prompts,
+    tokenize_chunk,
 )
 from tagserve.engine.offline import growing_chunks, progress_bar, run_requests
 from tagserve.engine.request import Request
@@ -233,10 +233,11 @@ class LLM:
                        tokenize: TokenizeParams, request_ids: list[str],
                        encoded: tuple[range, list[Encoding]]) -> list[Request]:
         chunk, encodings = encoded
-        tokenized = tokenize_prompts([items[i] for i in chunk], self.llm_engine.tokenizer,
-                                     tokenize, encodings)
-        return [Request(request_ids[i], t.token_ids, params[i], t.offsets, i)
-                for i, t in zip(chunk, tokenized, strict=True)]
+        made = tokenize_chunk(items[chunk.start:chunk.stop], self.llm_engine.tokenizer,
+                              tokenize, encodings)
+        return [Request(request_ids[i], token_ids, params[i], offsets, i, ids=ids)
+                for i, token_ids, offsets, ids in zip(chunk, made.token_ids, made.offsets,
+                                                      made.ids_views(), strict=True)]
 
     def _params(self, pooling_params: PoolingParams | Sequence[PoolingParams] | None, n: int,
                 task: str) -> list[PoolingParams]:

@@ -259,8 +259,8 @@ def test_only_the_rust_tokenizer_runs_off_the_engine_thread(bert, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(llm_module, "encode_texts", recording("encode", llm_module.encode_texts))
-    monkeypatch.setattr(llm_module, "tokenize_prompts",
-                        recording("objects", llm_module.tokenize_prompts))
+    monkeypatch.setattr(llm_module, "tokenize_chunk",
+                        recording("objects", llm_module.tokenize_chunk))
     ids = bert.get_tokenizer().encode(sentences()[0])
     prompts = [f"{sentences()[i % 4]} {i}" for i in range(300)] + [ids]
     outputs = bert.encode(prompts, pooling_task="token_classify", use_tqdm=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -202,3 +203,63 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer: Tokenizer | None,
             raise _too_long(max_len, max_len + 1 if at_least else len(ids), at_least)
         out.append(TokenizedPrompt(ids, offsets, text))  # a fresh list either way
     return out
+
+
+@dataclass
+class PromptChunk:
+    """Tokenized prompts with all their ids in one int64 array: `flat[starts[i]:ends[i]]` are
+    prompt i's ids (what the engine packs), `token_ids[i]` the same ids as a list (what the
+    output returns as `prompt_token_ids`)."""
+
+    token_ids: list[list[int]]
+    offsets: list[Offsets]
+    flat: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def of(cls, token_ids: list[list[int]], offsets: list[Offsets]) -> PromptChunk:
+        lengths = np.fromiter(map(len, token_ids), np.int64, count=len(token_ids))
+        ends = np.cumsum(lengths)
+        total = int(ends[-1]) if len(ends) else 0
+        flat = np.fromiter(chain.from_iterable(token_ids), np.int64, count=total)
+        return cls(token_ids, offsets, flat, ends)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def ids_views(self) -> list[np.ndarray]:
+        """Each prompt's ids: views of `flat`, no copies."""
+        flat, ends = self.flat, self.ends.tolist()
+        return [flat[a:b] for a, b in zip([0, *ends][:-1], ends, strict=True)]
+
+
+def _fits(token_ids: list[list[int]], params: TokenizeParams) -> bool:
+    """No prompt is empty, longer than the model or due for truncation."""
+    lengths = list(map(len, token_ids))
+    limit = params.max_model_len
+    if params.truncate_to is not None:
+        limit = min(limit, params.truncate_to)
+    return bool(lengths) and min(lengths) > 0 and max(lengths) <= limit
+
+
+def tokenize_chunk(prompts: list[Prompt], tokenizer: Tokenizer | None, params: TokenizeParams,
+                   encodings: list[Encoding] | None = None) -> PromptChunk:
+    """`tokenize_prompts` as one `PromptChunk`. A chunk of only texts or only lists of ints
+    that need no truncation is checked and converted as a whole (one type check over all ids,
+    one array for all prompts: ~6 against ~13 us per 265-id prompt); anything else, and every
+    error, goes through `tokenize_prompts` prompt by prompt."""
+    kinds = set(map(type, prompts))
+    if kinds == {str}:
+        if encodings is None:
+            encodings = encode_texts(prompts, tokenizer, params)  # type: ignore[arg-type]
+        token_ids = [e.ids for e in encodings]
+        if _fits(token_ids, params):
+            offsets: list[Offsets] = ([LazyOffsets(e) for e in encodings] if params.offsets
+                                      else [None] * len(encodings))
+            return PromptChunk.of(token_ids, offsets)
+    elif kinds == {list} and set(map(type, chain.from_iterable(prompts))) == {int}:
+        token_ids = list(map(list, prompts))  # type: ignore[arg-type]  # fresh lists
+        if _fits(token_ids, params):
+            return PromptChunk.of(token_ids, [None] * len(token_ids))
+    tokenized = tokenize_prompts(prompts, tokenizer, params, encodings)
+    return PromptChunk.of([t.token_ids for t in tokenized], [t.offsets for t in tokenized])

@@ -21,11 +21,12 @@ class Request:
     cancelled: bool = False  # set by the server when the client is gone; never scheduled then
     result: torch.Tensor | None = field(default=None, repr=False)
     error: BaseException | None = field(default=None, repr=False)
-    # The ids as an array, made where the request is made (often a tokenizer thread), so that
-    # packing a batch is one concatenation.
-    ids: np.ndarray = field(init=False, repr=False)
+    # The ids as an int64 array (made from `token_ids` unless given, e.g. a view of a
+    # `PromptChunk`'s array), so that packing a batch is one concatenation.
+    ids: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     num_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ids = np.asarray(self.token_ids, dtype=np.int64)
-        self.num_tokens = len(self.token_ids)
+        if self.ids is None:
+            self.ids = np.asarray(self.token_ids, dtype=np.int64)
+        self.num_tokens = len(self.ids)

@@ -14,7 +14,7 @@ import torch
 
 from tagserve.engine.cuda_graphs import CapturedForward, CudaGraphs
 from tagserve.engine.request import Request
-from tagserve.engine.staging import PinnedPool
+from tagserve.engine.staging import PinnedPool, ResultArena
 from tagserve.layers.attention import AttentionMetadata, padded_layout, varlen_supported
 from tagserve.models.heads import TokenClassifier
 from tagserve.pooling import PooledRows, Pooler
@@ -66,6 +66,12 @@ def upload(arrays: list[np.ndarray], device: torch.device, pool: PinnedPool,
     return into.copy_(host, non_blocking=True), [buffer]
 
 
+def rows_to_host(rows: torch.Tensor, pooled: PooledRows, arena: ResultArena) -> list[torch.Tensor]:
+    """Each request's rows, out of the pinned `rows` (free for reuse afterwards) into memory
+    of their own."""
+    return pooled.split(arena.copy(rows))
+
+
 def pack(requests: list[Request], device: torch.device, use_varlen: bool, pool: PinnedPool,
          graph: CapturedForward | None = None) -> PackedBatch:
     """The batch's tensors on the device: packed for flash varlen, laid out in padded length
@@ -111,6 +117,7 @@ class ModelRunner:
         # Overlapping batch i+1's launch with batch i's results pays only on an async device.
         self.pipelined = device.type == "cuda"
         self.pinned = PinnedPool()
+        self.results = ResultArena()
 
     @torch.inference_mode()
     def launch(self, requests: list[Request]) -> InFlight:
@@ -139,12 +146,12 @@ class ModelRunner:
 
     def collect(self, flight: InFlight) -> list[torch.Tensor]:
         """Each request's rows (CPU, float32), in batch order."""
-        rows = flight.host_rows
-        if flight.done is not None:
-            flight.done.synchronize()
-            rows = rows.clone()  # the pinned buffer goes back to the pool
-            self.pinned.release(flight.staging)
-        return flight.pooled.split(rows)
+        if flight.done is None:
+            return flight.pooled.split(flight.host_rows)
+        flight.done.synchronize()
+        results = rows_to_host(flight.host_rows, flight.pooled, self.results)
+        self.pinned.release(flight.staging)  # the pinned buffers go back to the pool
+        return results
 
     def run(self, requests: list[Request]) -> list[torch.Tensor]:
         return self.collect(self.launch(requests))
