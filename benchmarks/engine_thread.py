@@ -113,8 +113,7 @@ def main() -> int:
             prof.dump_stats(path)
             pstats.Stats(path).sort_stats("tottime").print_stats(18)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1))
     return 0
 
 
