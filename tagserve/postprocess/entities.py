@@ -40,14 +40,14 @@ WORD_CACHE_SIZE = 1 << 16
 
 @dataclass
 class Sequences:
-    """Sequences to aggregate as one table: per sequence the text its offsets index and its
-    length; per token (special tokens included) its id, char span, special flag and label
-    probabilities."""
+    """Sequences to aggregate as one table: per sequence the text its offsets index, its window
+    and its length; per token (special tokens included) its id, special flag and label
+    probabilities, and its char span (`offsets`, or `spans` of a few tokens)."""
 
     texts: list[str]
+    windows: list[Window]
     lengths: np.ndarray  # [S] int64
     ids: np.ndarray  # [N] int64
-    offsets: np.ndarray  # [N, 2] int64
     special: np.ndarray  # [N] bool
     probs: np.ndarray  # [N, labels] float32
 
@@ -56,12 +56,40 @@ class Sequences:
            probs: np.ndarray) -> Sequences:
         """`windows[i]` is a window of `texts[i]`; `probs` holds their rows, concatenated."""
         if not windows:
-            return cls([], np.zeros(0, np.int64), np.zeros(0, np.int64),
-                       np.zeros((0, 2), np.int64), np.zeros(0, bool), probs)
-        return cls(list(texts), np.array([len(w.ids) for w in windows], dtype=np.int64),
+            return cls([], [], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
+                       probs)
+        return cls(list(texts), list(windows),
+                   np.array([len(w.ids) for w in windows], dtype=np.int64),
                    np.concatenate([w.ids for w in windows]),
-                   np.concatenate([w.offsets for w in windows]),
                    np.concatenate([w.special for w in windows]), probs)
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """`[N, 2]`: every token's char span (read from the windows' encodings if needed)."""
+        if not self.windows:
+            return np.zeros((0, 2), np.int64)
+        return np.concatenate([w.offsets for w in self.windows])
+
+    def spans(self, rows: np.ndarray) -> tuple[list[int], list[int]]:
+        """Starts and ends of the char spans of tokens `rows` (not special ones). Only those are
+        read from windows whose spans are still in their encodings."""
+        if "offsets" in self.__dict__ or all(w.has_offsets for w in self.windows):
+            spans = self.offsets[rows]
+            return spans[:, 0].tolist(), spans[:, 1].tolist()
+        ends = np.cumsum(self.lengths)
+        window = np.searchsorted(ends, rows, side="right")
+        position = (rows - (ends - self.lengths)[window]).tolist()
+        if any(w.has_offsets for w in self.windows):
+            windows = self.windows
+            found = [windows[w].span(p) for w, p in zip(window.tolist(), position, strict=True)]
+        else:  # `Window.span` inlined: ~25 spans a text
+            encodings = [w.encoding for w in self.windows]
+            found = [encodings[w].token_to_chars(p)  # type: ignore[union-attr]
+                     for w, p in zip(window.tolist(), position, strict=True)]
+            if None in found:
+                found = [self.windows[w].span(p)
+                         for w, p in zip(window.tolist(), position, strict=True)]
+        return [span[0] for span in found], [span[1] for span in found]
 
 
 @dataclass
@@ -95,6 +123,10 @@ def row_max(x: np.ndarray) -> np.ndarray:
 
 def row_argmax(x: np.ndarray) -> np.ndarray:
     """`x.argmax(axis=1)` (the first of equal maxima), column by column as `row_max`."""
+    if x.dtype == np.float32 and 0 < x.shape[1] <= 64 and len(x):
+        labels = _positive_argmax(x)
+        if labels is not None:
+            return labels
     top = row_max(x)
     if not 0 < x.shape[1] <= 64 or np.isnan(top).any():  # argmax's NaN rule: numpy's
         return x.argmax(axis=1)
@@ -105,14 +137,82 @@ def row_argmax(x: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _pairwise_sum(columns: list[np.ndarray]) -> np.ndarray:
+    """The element-wise sum of `columns` in the order numpy's pairwise summation adds the
+    elements of one contiguous row (`sum(axis=-1)`): sequential below 8, eight partial sums
+    up to 128, halves above."""
+    n = len(columns)
+    if n < 8:
+        total = columns[0].copy()
+        for column in columns[1:]:
+            total += column
+        return total
+    if n <= 128:
+        partial = [c.copy() for c in columns[:8]]
+        i = 8
+        while i < n - n % 8:
+            for j in range(8):
+                partial[j] += columns[i + j]
+            i += 8
+        total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + (
+            (partial[4] + partial[5]) + (partial[6] + partial[7]))
+        for column in columns[i:]:
+            total += column
+        return total
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(columns[:half]) + _pairwise_sum(columns[half:])
+
+
+@functools.cache
+def _pairwise_matches(width: int) -> bool:
+    """Whether `_pairwise_sum` rounds as this numpy's `sum(axis=-1)` does for rows of `width`
+    float32 values (checked once per width on random rows)."""
+    rows = np.exp(np.random.default_rng(width).normal(0, 4, (4096, width))).astype(np.float32)
+    columns = np.ascontiguousarray(rows.T)
+    return bool(np.array_equal(_pairwise_sum(list(columns)), rows.sum(axis=-1)))
+
+
+def _positive_argmax(x: np.ndarray) -> np.ndarray | None:
+    """`row_argmax` of float32 rows whose maxima are positive and finite (probabilities), else
+    None: one max over int64 keys, a value's bits above its column's reversed index (positive
+    floats order as their bits; equal maxima keep the first column)."""
+    width = x.shape[1]
+    keys = x.T.view(np.int32).astype(np.int64, order="C")
+    keys <<= 6
+    keys |= (63 - np.arange(width, dtype=np.int64))[:, None]
+    best = keys.max(axis=0)
+    bits = best >> 6
+    if not ((bits > 0) & (bits <= 0x7F800000)).all():
+        return None
+    return 63 - (best & 63)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """transformers' float32 softmax over the last axis of `[rows, labels]` logits (the sum is
-    numpy's own reduction, for the same rounding)."""
-    logits = logits.astype(np.float32, copy=False)
-    shifted = logits - row_max(logits)[:, None]
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=-1, keepdims=True)
-    return shifted
+    """transformers' float32 softmax over the last axis of `[rows, labels]` logits, to the bit
+    (the sum adds each row's terms in numpy's order).
+
+    Computed on a `[labels, rows]` copy, one label at a time (numpy's reductions over a short
+    last axis cost ~30-100 ns a row, a column at a time ~1 ns); returned as its transpose, a
+    Fortran-ordered `[rows, labels]` array, so that `row_max` and `row_argmax` read contiguous
+    columns (`take_rows` keeps that order)."""
+    columns = np.array(logits.T, dtype=np.float32, order="C")
+    width = columns.shape[0]
+    if not 0 < width <= 64 or not len(logits) or not _pairwise_matches(width):
+        logits = logits.astype(np.float32, copy=False)
+        shifted = logits - row_max(logits)[:, None]
+        np.exp(shifted, out=shifted)
+        shifted /= shifted.sum(axis=-1, keepdims=True)
+        return shifted
+    columns -= row_max(columns.T)
+    np.exp(columns, out=columns)
+    columns /= _pairwise_sum(list(columns))
+    return columns.T
+
+
+def take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`x[rows]`, in `x`'s memory order (fancy indexing makes a C-ordered copy)."""
+    return x.T[:, rows].T if x.flags.f_contiguous and not x.flags.c_contiguous else x[rows]
 
 
 def _tag(label: str) -> str:
@@ -131,10 +231,10 @@ class _Table:
     """The non-special tokens of `Sequences`, in order."""
 
     seqs: Sequences
+    keep: np.ndarray  # [n] the token's row in `seqs`
     seq_of: np.ndarray  # [n] the token's sequence
     index: np.ndarray  # [n] its position in its sequence, special tokens counted
     ids: np.ndarray
-    offsets: np.ndarray
     probs: np.ndarray
     seq_first: np.ndarray  # [n] bool: the first token of its sequence
     bounds: np.ndarray  # [S + 1]
@@ -143,16 +243,25 @@ class _Table:
     def of(cls, seqs: Sequences) -> _Table:
         keep = np.flatnonzero(~seqs.special)
         seq_start = np.cumsum(seqs.lengths) - seqs.lengths
-        kept = np.append(0, np.cumsum(~seqs.special))
-        bounds = kept[np.append(seq_start, len(seqs.special))]
+        bounds = np.searchsorted(keep, np.append(seq_start, len(seqs.special)))
         counts = np.diff(bounds)
         seq_of = np.repeat(np.arange(len(counts)), counts)
         seq_first = np.zeros(len(keep), dtype=bool)
         seq_first[bounds[:-1][counts > 0]] = True
-        return cls(seqs, seq_of, keep - seq_start[seq_of], seqs.ids[keep],
-                   np.take(seqs.offsets, keep, axis=0),
-                   np.take(seqs.probs, keep, axis=0).astype(np.float32, copy=False), seq_first,
+        return cls(seqs, keep, seq_of, keep - seq_start[seq_of], seqs.ids[keep],
+                   take_rows(seqs.probs, keep).astype(np.float32, copy=False), seq_first,
                    bounds)
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """`[n, 2]`: every token's char span."""
+        return np.take(self.seqs.offsets, self.keep, axis=0)
+
+    def spans(self, rows: np.ndarray) -> tuple[list[int], list[int]]:
+        """Starts and ends of tokens `rows` (see `Sequences.spans`)."""
+        if "offsets" in self.__dict__:
+            return self.offsets[rows, 0].tolist(), self.offsets[rows, 1].tolist()
+        return self.seqs.spans(self.keep[rows])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -247,15 +356,15 @@ class Aggregator:
     def _word_probs(self, probs: np.ndarray, starts: np.ndarray,
                     unit_of: np.ndarray) -> np.ndarray:
         if self.strategy == "first":
-            return probs[starts]
+            return take_rows(probs, starts)
         if self.strategy == "average":  # numpy's float32 mean: sum in float32, divide in float64
             counts = np.diff(np.append(starts, len(probs)))
             return (np.add.reduceat(probs, starts, axis=0) / counts[:, None]).astype(np.float32)
         # max: the first token whose top probability is the word's highest
-        top = probs.max(axis=1)
+        top = row_max(probs)
         best = np.maximum.reduceat(top, starts)
         candidates = np.where(top == best[unit_of], np.arange(len(probs)), len(probs))
-        return probs[np.minimum.reduceat(candidates, starts)]
+        return take_rows(probs, np.minimum.reduceat(candidates, starts))
 
     def _decide(self, probs: np.ndarray, opens: np.ndarray) -> np.ndarray:
         """Each unit's label: the argmax, or the best valid BIO path of its sequence."""
@@ -273,17 +382,15 @@ class Aggregator:
                         scores: np.ndarray) -> list[list[dict[str, Any]]]:
         """"none": one dict per shown token."""
         shown = np.flatnonzero(self._passes(labels, scores))
-        unk = np.flatnonzero(table.ids[shown] == self.unk_id)
+        starts, ends = table.spans(shown)
         words = self.vocab[table.ids[shown]].tolist()
-        for i, t in zip(unk.tolist(), shown[unk].tolist(), strict=True):
-            words[i] = self._text_span(table, t, t + 1)
-        spans = table.offsets[shown]
+        for i in np.flatnonzero(table.ids[shown] == self.unk_id).tolist():
+            words[i] = table.seqs.texts[table.seq_of[shown[i]]][starts[i]:ends[i]]
         entities = [{"entity": name, "score": score, "index": index, "word": word,
                      "start": start, "end": end}
                     for name, score, index, word, start, end in zip(
                         self._shown_names[labels[shown]].tolist(), scores[shown],
-                        table.index[shown].tolist(), words, spans[:, 0].tolist(),
-                        spans[:, 1].tolist(), strict=True)]
+                        table.index[shown].tolist(), words, starts, ends, strict=True)]
         return _split(entities, table.seq_of[shown], len(table.seqs.texts))
 
     def _group_entities(self, table: _Table, labels: np.ndarray, scores: np.ndarray,
@@ -304,12 +411,17 @@ class Aggregator:
         group_labels = labels[first]
         shown = np.flatnonzero(self._passes(group_labels, group_scores))
         a, b = starts[first[shown]], ends[last[shown]]  # each shown group's tokens
+        longer = np.flatnonzero(b - a > 1)  # the span of each group's first and last token
+        span_starts, span_ends = table.spans(np.concatenate([a, b[longer] - 1]))
+        del span_starts[len(a):]
+        for i, end in zip(longer.tolist(), span_ends[len(a):], strict=True):
+            span_ends[i] = end
         entities = [{"entity_group": name, "score": score, "word": word, "start": start,
                      "end": end}
                     for name, score, word, start, end in zip(
                         self._shown_names[group_labels[shown]].tolist(), group_scores[shown],
-                        self._group_words(table, a, b, opens), table.offsets[a, 0].tolist(),
-                        table.offsets[b - 1, 1].tolist(), strict=True)]
+                        self._group_words(table, a, b, opens), span_starts,
+                        span_ends[:len(a)], strict=True)]
         return _split(entities, unit_seq[first[shown]], len(table.seqs.texts))
 
     def _group_words(self, table: _Table, a: np.ndarray, b: np.ndarray,
@@ -339,15 +451,13 @@ class Aggregator:
         get = self._words.get
         found = [None if key is None else get(key) for _, key in lookups]
         if None in found:
-            tokens = self._token_strings(table)
-            cuts = opens.tolist() if self.by_word else None
             for j in [j for j, word in enumerate(found) if word is None]:
                 i, key = lookups[j]
                 word = None if key is None else get(key)  # a repeat of an earlier miss
                 if word is None:
                     start, end = int(a[i]), int(b[i])
-                    word = self._word(tokens[start:end],
-                                      None if cuts is None else cuts[start:end])
+                    word = self._word(self._token_strings(table, start, end),
+                                      opens[start:end].tolist() if self.by_word else None)
                     if key is not None:
                         self._words[key] = word
                 found[j] = word
@@ -378,14 +488,14 @@ class Aggregator:
         return self._join(tuple(self._join(tuple(tokens[x:y]))
                                 for x, y in zip(cuts[:-1], cuts[1:], strict=True)))
 
-    def _token_strings(self, table: _Table) -> list[str]:
-        """`convert_ids_to_tokens` of every token; an unknown token's string is its text span."""
-        tokens = self.vocab[table.ids].tolist()
-        for t in np.flatnonzero(table.ids == self.unk_id).tolist():
-            tokens[t] = self._text_span(table, t, t + 1)
+    def _token_strings(self, table: _Table, start: int, end: int) -> list[str]:
+        """`convert_ids_to_tokens` of tokens start:end (of one sequence); an unknown token's
+        string is its text span."""
+        ids = table.ids[start:end]
+        tokens = self.vocab[ids].tolist()
+        unknown = np.flatnonzero(ids == self.unk_id)
+        if len(unknown):
+            text = table.seqs.texts[table.seq_of[start]]
+            for j, a, b in zip(unknown.tolist(), *table.spans(start + unknown), strict=True):
+                tokens[j] = text[a:b]
         return tokens
-
-    @staticmethod
-    def _text_span(table: _Table, a: int, b: int) -> str:
-        """The text of tokens a:b (of one sequence)."""
-        return table.seqs.texts[table.seq_of[a]][table.offsets[a, 0]:table.offsets[b - 1, 1]]

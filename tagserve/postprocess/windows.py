@@ -21,31 +21,60 @@ from tokenizers import Encoding
 from tagserve.engine.tokenizer import Tokenizer
 
 
-@dataclass
 class Window:
-    """One model input: ids, char spans into the document's text, special-token flags."""
+    """One model input: ids, char spans into the document's text, special-token flags.
 
-    ids: np.ndarray  # [n] int64
-    offsets: np.ndarray  # [n, 2] int64
-    special: np.ndarray  # [n] bool
-    content: np.ndarray | None = None  # [n] bool: a token of the text, not of the template
+    Spans can stay in the window's `encoding` until they are needed: reading every token's span
+    from an `Encoding` builds a Python tuple per token (~0.14 us a token), while entities need
+    only a few of them (`span`). `offsets` reads them all on first access."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray | None, special: np.ndarray,
+                 content: np.ndarray | None = None, encoding: Encoding | None = None) -> None:
+        if offsets is None and encoding is None:
+            raise ValueError("a Window needs its offsets or its encoding")
+        self.ids = ids  # [n] int64
+        self._offsets = offsets  # [n, 2] int64, or None until read from `encoding`
+        self.special = special  # [n] bool
+        self.content = content  # [n] bool: a token of the text, not of the template
+        self.encoding = encoding
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """`[n, 2]` char spans (read from the encoding on first access)."""
+        if self._offsets is None:
+            assert self.encoding is not None
+            offsets = self.encoding.offsets
+            self._offsets = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64,
+                                        count=2 * len(offsets)).reshape(-1, 2)
+        return self._offsets
+
+    @property
+    def has_offsets(self) -> bool:
+        return self._offsets is not None
+
+    def span(self, position: int) -> tuple[int, int]:
+        """The char span of one token, without reading the others' (not for special tokens)."""
+        if self._offsets is None:
+            assert self.encoding is not None
+            span = self.encoding.token_to_chars(position)
+            if span is not None:
+                return span
+        start, end = self.offsets[position].tolist()
+        return start, end
 
     @classmethod
     def from_encodings(cls, encodings: Sequence[Encoding]) -> list[Window]:
-        """One window per encoding; their arrays are views of one array per field, converted
-        from the encodings' lists in one go (a per-window `np.asarray` of a list of offset
-        tuples costs ~0.3 us a token)."""
+        """One window per encoding, its spans left in the encoding; ids and flags are views of
+        one array per field, converted from the encodings' lists in one go."""
         lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
         chain = itertools.chain.from_iterable
         ids = np.fromiter(chain(e.ids for e in encodings), dtype=np.int64, count=total)
-        offsets = np.fromiter(chain(chain(e.offsets for e in encodings)), dtype=np.int64,
-                              count=2 * total).reshape(-1, 2)
         special = np.fromiter(chain(e.special_tokens_mask for e in encodings), dtype=bool,
                               count=total)
         bounds = np.append(0, np.cumsum(lengths)).tolist()
-        return [cls(ids[a:b], offsets[a:b], special[a:b])
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [cls(ids[a:b], None, special[a:b], encoding=e)
+                for a, b, e in zip(bounds[:-1], bounds[1:], encodings, strict=True)]
 
     def add_encoding_details(self, encoding: Encoding, word_starts: np.ndarray | None,
                              content: bool) -> None:
