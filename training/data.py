@@ -71,6 +71,8 @@ AFFIXES: tuple[tuple[str, ...], tuple[str, ...]] = (
      "ist", "al", "ung", "heit", "ment", "ción", "zione", "ingen", "en", "e"),
     ("un", "re", "pre", "dis", "over", "non", "co", "sub", "inter", "mis", "ver", "ge", "in"),
 )
+LETTERS_RE = re.compile(r"[^\W\d_]{3,}")
+NAME_TYPES: tuple[str, ...] = ("PERSON", "ORG", "LOCATION", "ADDRESS")
 WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 Span = tuple[int, int, str]
 
@@ -117,8 +119,11 @@ def group(text: str, sizes: Sequence[int], sep: str) -> str:
 class Values:
     """Faker-backed values for every slot, for one random stream."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, train: bool = False) -> None:
         self.rng = rng
+        # training-only value variants (made-up organisations, long URLs); the held-out stream
+        # never takes these branches, so it draws exactly the same values as before
+        self.train = train
         self.fakers: dict[str, Faker] = {}
         for loc in (*LOCALES, *NAME_LOCALES):
             fake = Faker(loc)
@@ -156,9 +161,36 @@ class Values:
         return f"{first} {last}"
 
     def org(self, locale: str) -> str:
+        if self.train and self.rng.random() < 0.3:
+            return self.made_up_org(locale)
         if self.rng.random() < 0.45:
             return self.rng.choice(T.REAL_ORGS)
         return self.fakers[locale].company()
+
+    def made_up_org(self, locale: str) -> str:
+        """Training only: organisation names that are not made of surnames (brand words,
+        industries, legal forms, acronyms, institutions named after places)."""
+        rng, lang = self.rng, LOCALES[locale]
+        word = rng.choice(lexicon(lang if rng.random() < 0.5 else "en")).capitalize()
+        brand = rng.choice((word, word + rng.choice(T.BRAND_ENDINGS),
+                            rng.choice(T.BRAND_STARTS) + rng.choice(T.BRAND_ENDINGS).lower(),
+                            "".join(rng.choice(string.ascii_uppercase)
+                                    for _ in range(rng.randint(2, 4)))))
+        industry = rng.choice(T.ORG_INDUSTRIES[lang] + T.ORG_INDUSTRIES["en"])
+        suffix = rng.choice(T.ORG_SUFFIXES)
+        r = rng.random()
+        if r < 0.3:
+            return f"{brand} {industry} {suffix}"
+        if r < 0.5:
+            return f"{brand} {industry}"
+        if r < 0.65:
+            return f"{brand} {suffix}"
+        if r < 0.8:
+            return rng.choice(T.ORG_INSTITUTIONS[lang]).format(
+                CITY=self.city(locale), X=word, LAST=self.fakers[locale].last_name())
+        if r < 0.9:
+            return f"{self.fakers[locale].last_name()} & {rng.choice((word, industry))}"
+        return brand
 
     # -- places ---------------------------------------------------------------------------
     def city(self, locale: str) -> str:
@@ -214,6 +246,8 @@ class Values:
         ))
 
     def url(self, locale: str) -> str:
+        if self.train and self.rng.random() < 0.4:
+            return self.long_url(locale)
         fake = self.fakers[locale]
         r = self.rng.random()
         if r < 0.3:
@@ -228,6 +262,38 @@ class Values:
         query = f"?id={self.rng.randrange(10**5)}" if self.rng.random() < 0.3 else ""
         scheme = self.rng.choice(("https://", "http://", "https://www."))
         return f"{scheme}{fake.domain_name()}/{ascii_fold(path)}{query}"
+
+    def long_url(self, locale: str) -> str:
+        """Training only: URLs with multi-segment paths (slugs, versions, numbers, file names),
+        queries and fragments, so that a slash inside a URL reads as part of it while a
+        spaced " / " between fields is a separator."""
+        fake, rng = self.fakers[locale], self.rng
+        host = fake.domain_name()
+        r = rng.random()
+        if r < 0.25:
+            host = f"www.{host}"
+        elif r < 0.45:
+            host = f"{rng.choice(T.URL_SUBDOMAINS)}.{host}"
+        segments = []
+        for _ in range(rng.choice((1, 2, 2, 3, 3, 4))):
+            words = [ascii_fold(w) for w in fake.words(rng.randint(1, 3))]
+            segments.append(rng.choice((
+                words[0], "-".join(words), "_".join(words), f"v{rng.randint(1, 4)}",
+                str(rng.randrange(10**rng.randint(1, 7))), rng.choice(T.URL_SEGMENTS),
+                f"{words[0]}.{rng.choice(('html', 'pdf', 'php', 'aspx', 'png', 'json'))}",
+                f"@{words[0]}{rng.randrange(100)}", f"{rng.randint(2015, 2025)}")))
+        path = "/".join(s for s in segments if s)
+        if rng.random() < 0.15:
+            path += "/"
+        r = rng.random()
+        if r < 0.15:
+            path += f"?{rng.choice(('id', 'q', 'page', 'ref', 'lang'))}={rng.randrange(10**4)}"
+        elif r < 0.22:
+            path += f"?utm_source={ascii_fold(fake.word())}&utm_medium=email"
+        elif r < 0.3:
+            path += f"#{ascii_fold(fake.word())}"
+        scheme = rng.choice(("https://", "https://", "http://", ""))
+        return f"{scheme}{host}/{path}"
 
     def ip(self, locale: str) -> str:
         fake = self.fakers[locale]
@@ -448,6 +514,8 @@ FIELD_SLOTS: dict[str, tuple[str, ...]] = {
     "CREDIT_CARD": ("CARD",), "ID_NUMBER": ("SSN", "PASSPORT", "IDNUM"), "IP_ADDRESS": ("IP",),
     "URL": ("URL",), "ORG": ("ORG",), "LOCATION": ("CITY", "COUNTRY"),
 }
+NAME_SLOTS: tuple[str, ...] = ("PERSON", "FIRST", "LAST", "ORG", "CITY", "COUNTRY", "REGION")
+ENTITY_SLOTS: tuple[str, ...] = tuple(name for name, (label, _) in SLOTS.items() if label)
 PLAIN_FIELDS: list[tuple[str, str]] = [("Order", "ORDER"), ("Amount", "AMOUNT"), ("Qty", "NUM"),
                                        ("Time", "TIME"), ("Ref", "ORDER"), ("Total", "AMOUNT")]
 Piece = tuple[str, "str | None"]
@@ -460,7 +528,7 @@ class Generator:
         assert split in ("train", "heldout"), split
         self.split = split
         self.rng = random.Random(seed)
-        self.values = Values(self.rng)
+        self.values = Values(self.rng, train=split == "train")
         pick = lambda pools: {k: split_pool(v, split) for k, v in pools.items()}  # noqa: E731
         self.templates = pick(T.TEMPLATES)
         self.no_entity = pick(T.NO_ENTITY)
@@ -511,6 +579,8 @@ class Generator:
             pieces = self.salad(lang, locale)
         elif r < 0.5 and self.split == "train":
             pieces = self.compose(lang)
+        elif r < 0.58 and self.split == "train":
+            pieces = self.listing(lang, locale)
         else:
             pieces = self.fill(rng.choice(self.templates[lang]), locale)
         if rng.random() < 0.15:  # a second sentence
@@ -534,11 +604,78 @@ class Generator:
         pos = 0
         for match in SLOT_RE.finditer(template):
             pieces.append((template[pos:match.start()], None))
-            label, method = SLOTS[match.group(1)]
-            pieces.append((getattr(self.values, method)(locale), label))
+            slot = match.group(1)
+            if self.split == "train":
+                slot = self.swap(slot)
+            label, method = SLOTS[slot]
+            value = getattr(self.values, method)(locale)
+            if self.split == "train" and label and self.rng.random() < 0.05:
+                left, right = self.rng.choice(T.WRAPPERS)
+                pieces += [(left, None), (value, label), (right, None)]
+            else:
+                pieces.append((value, label))
             pos = match.end()
         pieces.append((template[pos:], None))
         return [p for p in pieces if p[0]]
+
+    def swap(self, slot: str) -> str:
+        """Training only: sometimes fill a slot with another entity type (names, places and
+        organisations among themselves, rarely any type), so that the context of a template
+        does not decide the type on its own and the value has to be read."""
+        rng, r = self.rng, self.rng.random()
+        if slot in NAME_SLOTS and r < 0.12:
+            return rng.choice(NAME_SLOTS)
+        if SLOTS[slot][0] and r > 0.97:
+            return rng.choice(ENTITY_SLOTS)
+        return slot
+
+    def listing(self, lang: str, locale: str) -> list[Piece]:
+        """Training only: tables (header line, rows of values), lists of values after a key
+        (comma, "and", bullets, numbered lines) and inline "key value" pairs in word salad."""
+        rng, keys = self.rng, self.form_keys[lang]
+        r = rng.random()
+        if r < 0.35:  # table: a header line of field keys, then 1-3 rows of values
+            fields = rng.sample(list(keys), rng.randint(2, 4))
+            sep = rng.choice(T.TABLE_SEPARATORS)
+            edge = sep.strip() if sep.strip() and rng.random() < 0.4 else ""
+            def line(cells: list[Piece]) -> list[Piece]:
+                out: list[Piece] = [(edge + " " if edge else "", None)]
+                for i, cell in enumerate(cells):
+                    out += [(sep if i else "", None), cell]
+                return [*out, (" " + edge if edge else "", None)]
+            pieces = line([(rng.choice(keys[f]), None) for f in fields])
+            for _ in range(rng.randint(1, 3)):
+                cells = []
+                for f in fields:
+                    label, method = SLOTS[rng.choice(FIELD_SLOTS[f])]
+                    cells.append((getattr(self.values, method)(locale), label))
+                pieces += [("\n", None), *line(cells)]
+            return [p for p in pieces if p[0]]
+        if r < 0.75:  # a key, then a list of values of one field
+            field_name = rng.choice(list(keys))
+            key = rng.choice(keys[field_name])
+            joiner = rng.choice(T.LIST_JOINERS)
+            n = rng.randint(2, 4)
+            pieces = [(key + rng.choice((": ", ":\n", " ", " - ", ":\n- ")), None)]
+            for i in range(n):
+                label, method = SLOTS[rng.choice(FIELD_SLOTS[field_name])]
+                if i:
+                    last = i == n - 1 and joiner == ", "
+                    pieces.append((rng.choice(T.AND[lang]) if last else joiner, None))
+                pieces.append((getattr(self.values, method)(locale), label))
+            return pieces
+        # inline "key value" pairs between everyday words
+        pieces = []
+        for _ in range(rng.randint(1, 3)):
+            words = " ".join(self.random_word(lang) for _ in range(rng.randint(0, 5)))
+            field_name = rng.choice(list(keys))
+            key = rng.choice(keys[field_name])
+            key = key.lower() if rng.random() < 0.5 else key
+            label, method = SLOTS[rng.choice(FIELD_SLOTS[field_name])]
+            pieces += [((words + " " if words else "") + key + rng.choice((" ", ": ", " is ")),
+                        None), (getattr(self.values, method)(locale), label),
+                       (rng.choice((" ", ", ", "; ", ". ")), None)]
+        return pieces
 
     def compose(self, lang: str) -> list[Piece]:
         """One to three training clauses joined by connectors, each filled from its own locale;
@@ -671,6 +808,13 @@ class Generator:
             pieces = [(t.lower() if lab == "PERSON" else t, lab) for t, lab in pieces]
         if rng.random() < 0.1 and pieces and pieces[-1][1] is None:
             pieces[-1] = (pieces[-1][0].rstrip(".!?"), None)
+        if self.split == "train":  # training only: title case, line breaks in the context
+            r = rng.random()
+            if r < 0.03:
+                pieces = [(t.title() if lab is None else t, lab) for t, lab in pieces]
+            elif r < 0.1:
+                pieces = [(re.sub(" ", lambda m: "\n" if rng.random() < 0.15 else " ", t)
+                           if lab is None else t, lab) for t, lab in pieces]
         return [p for p in pieces if p[0]]
 
 

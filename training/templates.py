@@ -770,10 +770,72 @@ TRAIN_FIELD_SEPARATORS: list[str] = ["\n", ", ", "; ", " · ", " • ", " ; ", "
 # as field separators in training records too so that a separator is not read as part of the
 # value next to it; the exact (key/value, field) pairs of the held-out layouts are left out
 # (``data.Generator``), so every held-out layout stays unseen.
-TRAIN_SYMBOL_SEPARATORS: list[str] = [" / ", " | ", "/", "|", " // ", " || ", " \\ ", " /\n",
+TRAIN_SYMBOL_SEPARATORS: list[str] = [" / ", " | ", "|", " // ", " || ", " \\ ", " /\n",
                                       " |\n", "\t|\t", " ¦ "]
+# (A bare "/" without spaces is not a training field separator: inside a URL path it is part of
+# the value, see ``data.Values.long_url``.)
 
 # ----------------------------------------------------------------------------- word lists
+
+# Training-only material for value and layout variants (``data.Values.made_up_org``,
+# ``data.Values.long_url``, ``data.Generator.listing``, ``data.Generator.fill``).
+BRAND_STARTS: list[str] = ["Nova", "Alto", "Vita", "Blue", "Green", "North", "Sun", "Terra",
+                           "Omni", "Bright", "Silver", "Red", "Aqua", "Euro", "Inter", "Medi",
+                           "Agri", "Flex", "Quant", "Solar", "Hydro", "Urban", "Clear", "Smart"]
+BRAND_ENDINGS: list[str] = ["ify", "ly", "io", "ex", "ix", "on", "ia", "ora", "tec", "tek", "soft",
+                            "ware", "works", "point", "line", "bridge", "stone", "field", "wave",
+                            "lab", "hub", "net", "gen", "corp"]
+ORG_INDUSTRIES: dict[str, list[str]] = {
+    "en": ["Logistics", "Analytics", "Systems", "Solutions", "Consulting", "Capital", "Labs",
+           "Software", "Foods", "Energy", "Media", "Pharma", "Health", "Insurance", "Motors",
+           "Airlines", "Technologies", "Partners", "Holdings", "Ventures", "Studio",
+           "Foundation", "Institute", "Group", "Networks", "Robotics", "Biotech", "Telecom",
+           "Retail", "Bank", "Hotels", "Publishing", "Construction", "Security", "Games"],
+    "de": ["Logistik", "Bau", "Versicherung", "Technik", "Immobilien", "Verlag", "Werke",
+           "Handel", "Stadtwerke", "Maschinenbau", "Beratung", "Bank"],
+    "fr": ["Conseil", "Assurances", "Immobilier", "Transports", "Industries", "Banque",
+           "Éditions", "Services"],
+    "es": ["Construcciones", "Seguros", "Inmobiliaria", "Transportes", "Servicios", "Banco",
+           "Energía", "Editorial"],
+    "it": ["Costruzioni", "Assicurazioni", "Trasporti", "Servizi", "Banca", "Industrie",
+           "Editore", "Energia"],
+    "nl": ["Bouw", "Verzekeringen", "Transport", "Diensten", "Bank", "Techniek", "Uitgeverij",
+           "Groep"],
+}
+ORG_SUFFIXES: list[str] = ["Inc", "Inc.", "Ltd", "Ltd.", "LLC", "GmbH", "AG", "SA", "S.A.",
+                           "SARL", "SAS", "S.L.", "S.p.A.", "S.r.l.", "B.V.", "N.V.", "plc",
+                           "Corp.", "Co.", "& Co. KG", "Group", "AB", "Oy", "SE", "LLP"]
+ORG_INSTITUTIONS: dict[str, list[str]] = {
+    "en": ["University of {CITY}", "{CITY} City Council", "{CITY} General Hospital",
+           "{CITY} Police Department", "Bank of {CITY}", "{X} Primary School",
+           "St. {LAST}'s Hospital", "{CITY} Chamber of Commerce", "{X} Trust",
+           "Ministry of {X}", "{CITY} Football Club", "The {X} Society"],
+    "de": ["Universität {CITY}", "Stadtwerke {CITY}", "Sparkasse {CITY}", "Klinikum {CITY}",
+           "Amtsgericht {CITY}", "Volksbank {CITY}", "{X}-Gymnasium", "Landratsamt {CITY}"],
+    "fr": ["Université de {CITY}", "Mairie de {CITY}", "CHU de {CITY}", "Crédit {X}",
+           "Lycée {LAST}", "Préfecture de {CITY}"],
+    "es": ["Universidad de {CITY}", "Ayuntamiento de {CITY}", "Hospital {LAST}",
+           "Caja {X}", "Colegio {LAST}"],
+    "it": ["Università di {CITY}", "Comune di {CITY}", "Ospedale {LAST}", "Banca {X}",
+           "Liceo {LAST}"],
+    "nl": ["Universiteit {CITY}", "Gemeente {CITY}", "Ziekenhuis {X}", "Hogeschool {CITY}",
+           "Stichting {X}"],
+}
+URL_SUBDOMAINS: list[str] = ["docs", "app", "api", "blog", "shop", "mail", "portal", "static",
+                             "cdn", "dev", "support", "my", "m", "en", "de", "login"]
+URL_SEGMENTS: list[str] = ["index.html", "en", "de", "fr", "docs", "api", "blog", "news",
+                           "products", "user", "profile", "login", "search", "download",
+                           "assets", "img", "wiki", "issues", "pull", "releases", "s", "p",
+                           "getting-started", "faq", "contact", "about-us", "careers"]
+# punctuation pairs around a value (outside the entity span)
+WRAPPERS: list[tuple[str, str]] = [('"', '"'), ("'", "'"), ("(", ")"), ("[", "]"), ("<", ">"),
+                                   ("«", "»"), ("„", "“"), ("*", "*"), ("`", "`"), ("“", "”")]
+TABLE_SEPARATORS: list[str] = [" | ", "\t", ", ", "; ", " ; ", "|", "  ", " , ", "\t|\t"]
+LIST_JOINERS: list[str] = [", ", ", ", "; ", "\n", "\n- ", "\n• ", "\n* ", " / ", " | ",
+                           ",\n"]
+AND: dict[str, list[str]] = {"en": [" and ", " & ", ", "], "de": [" und ", " & ", ", "],
+                             "fr": [" et ", ", "], "es": [" y ", ", "], "it": [" e ", ", "],
+                             "nl": [" en ", " & ", ", "]}
 
 REAL_CITIES: list[str] = [
     "New York", "Los Angeles", "Chicago", "Houston", "Phoenix", "Philadelphia", "San Antonio",
