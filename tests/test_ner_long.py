@@ -11,7 +11,14 @@ import torch
 
 from tagserve import LLM, PoolingParams
 from tagserve.errors import ValidationError
-from tagserve.postprocess.windows import Document, Window, cut_documents
+from tagserve.postprocess.windows import (
+    Document,
+    SpecialLayout,
+    Window,
+    cut_documents,
+    documents_of,
+    encode_windows,
+)
 
 from checkpoints import MAX_LEN, sentences
 from ner_util import FAMILIES, assert_same_entities, in_order, run_hf
@@ -161,3 +168,19 @@ def test_stride_errors(make_checkpoint):
         llm.ner("x", stride=-1)
     with pytest.raises(ValidationError, match="stride"):
         llm.encode_long("x", stride=126)
+
+
+@pytest.mark.parametrize("stride", [None, 7])
+def test_special_layout_flags_match_the_mask(family, stride):
+    """Special-token flags from the template's layout are each window's
+    `special_tokens_mask`, also for special-token strings inside the text and empty text."""
+    name, path, llm = family
+    tokenizer = llm.get_tokenizer()
+    layout = SpecialLayout.probe(tokenizer)
+    assert layout is not None, name
+    texts = [*LONG, "", " ".join(tokenizer.all_special_tokens) + " " + LONG[0]]
+    encodings = encode_windows(tokenizer, texts, MAX_LEN, stride)
+    docs = documents_of(texts, encodings, stride, layout=layout)
+    for doc, windows in zip(docs, encodings, strict=True):
+        for window, encoding in zip(doc.windows, windows[:len(doc.windows)], strict=True):
+            assert window.special.tolist() == [bool(m) for m in encoding.special_tokens_mask]

@@ -35,6 +35,7 @@ from tagserve.postprocess.entities import (
 )
 from tagserve.postprocess.windows import (
     Document,
+    SpecialLayout,
     Window,
     documents_of,
     encode_windows,
@@ -151,6 +152,11 @@ class Recognizer:
         return cls(tokenizer, id2label, max_length, options)
 
     @property
+    def layout(self) -> SpecialLayout | None:
+        """Where the tokenizer's template puts special tokens (probed once per tokenizer)."""
+        return SpecialLayout.probe(self.tokenizer)
+
+    @property
     def width(self) -> int:
         return len(self.id2label)
 
@@ -191,7 +197,8 @@ class Recognizer:
         """The Python half of `cut`: the documents of `encode(items)`."""
         o = self.options
         return documents_of(items, encodings, o.stride,
-                            is_split_into_words=o.is_split_into_words, delimiter=o.delimiter)
+                            is_split_into_words=o.is_split_into_words, delimiter=o.delimiter,
+                            layout=self.layout)
 
     def prepared(self, items: list[Any], encodings: list[list[Encoding]]) -> list[Document]:
         """`prepare` from `encode(items)`."""

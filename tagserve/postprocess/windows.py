@@ -10,6 +10,7 @@ rows over the windows that hold it, weighted toward window centres (`Document.me
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -63,16 +64,22 @@ class Window:
         return start, end
 
     @classmethod
-    def from_encodings(cls, encodings: Sequence[Encoding]) -> list[Window]:
+    def from_encodings(cls, encodings: Sequence[Encoding],
+                       layout: SpecialLayout | None = None) -> list[Window]:
         """One window per encoding, its spans left in the encoding; ids and flags are views of
-        one array per field, converted from the encodings' lists in one go."""
+        one array per field, converted from the encodings' lists in one go. With the
+        tokenizer's `layout`, special-token flags come from it instead of each token's."""
         lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
         chain = itertools.chain.from_iterable
         ids = np.fromiter(chain(e.ids for e in encodings), dtype=np.int64, count=total)
-        special = np.fromiter(chain(e.special_tokens_mask for e in encodings), dtype=bool,
-                              count=total)
-        bounds = np.append(0, np.cumsum(lengths)).tolist()
+        ends = np.cumsum(lengths)
+        if layout is not None and layout.fits(lengths):
+            special = layout.flags(ends, total)
+        else:
+            special = np.fromiter(chain(e.special_tokens_mask for e in encodings), dtype=bool,
+                                  count=total)
+        bounds = np.append(0, ends).tolist()
         return [cls(ids[a:b], None, special[a:b], encoding=e)
                 for a, b, e in zip(bounds[:-1], bounds[1:], encodings, strict=True)]
 
@@ -86,6 +93,61 @@ class Window:
             self.offsets[known] += word_starts[words[known].astype(np.int64)][:, None]
         if content:
             self.content = ~np.isnan(np.asarray(encoding.sequence_ids, dtype=np.float64))
+
+
+class SpecialLayout:
+    """Where a tokenizer's template puts special tokens in each encoding of one sequence: its
+    first `head` and last `tail` tokens, whatever the text (special-token strings inside the
+    text are not flagged). Flags from this are as `special_tokens_mask` without reading it: a
+    Python list per window and its conversion cost ~30-45 ns a token (~10 us a text).
+
+    `probe` reads the layout off encodings of a probe text and returns None unless the masks
+    are exactly that (some other post-processor); windows are then flagged token by token."""
+
+    def __init__(self, head: int, tail: int) -> None:
+        self.head = head
+        self.tail = tail
+
+    @classmethod
+    def probe(cls, tokenizer: Tokenizer) -> SpecialLayout | None:
+        cached = _LAYOUTS.get(tokenizer, False)
+        if cached is not False:
+            return cached
+        layout = cls._read(tokenizer)
+        _LAYOUTS[tokenizer] = layout
+        return layout
+
+    @classmethod
+    def _read(cls, tokenizer: Tokenizer) -> SpecialLayout | None:
+        specials = tokenizer.num_special_tokens_to_add()
+        text = " ".join(["a", *tokenizer.all_special_tokens, "b"])
+        masks = [tokenizer.rust.encode(t, add_special_tokens=True).special_tokens_mask
+                 for t in (text, "a")]
+        head = next((i for i, flag in enumerate(masks[0]) if not flag), len(masks[0]))
+        layout = cls(head, specials - head)
+        for mask in masks:
+            if mask != [1] * head + [0] * (len(mask) - specials) + [1] * layout.tail:
+                return None
+        return layout
+
+    def fits(self, lengths: np.ndarray) -> bool:
+        """Whether every window holds at least the template's special tokens."""
+        return not len(lengths) or int(lengths.min()) >= self.head + self.tail
+
+    def flags(self, ends: np.ndarray, total: int) -> np.ndarray:
+        """Special-token flags of windows ending at `ends` (cumulative lengths), concatenated."""
+        special = np.zeros(total, dtype=bool)
+        starts = ends - np.diff(ends, prepend=0)
+        for j in range(self.head):
+            special[starts + j] = True
+        for j in range(1, self.tail + 1):
+            special[ends - j] = True
+        return special
+
+
+# Layouts by tokenizer (`SpecialLayout.probe`; None: flags read per token).
+_LAYOUTS: weakref.WeakKeyDictionary[Tokenizer, SpecialLayout | None] = \
+    weakref.WeakKeyDictionary()
 
 
 class WindowRows:
@@ -196,10 +258,12 @@ def encode_windows(tokenizer: Tokenizer, inputs: Sequence[str] | Sequence[Sequen
 
 def documents_of(inputs: Sequence[str] | Sequence[Sequence[str]],
                  encodings: list[list[Encoding]], stride: int | None, *,
-                 is_split_into_words: bool = False, delimiter: str = " ") -> list[Document]:
-    """The Python half of `cut_documents`: `Document`s of the inputs' `encode_windows`."""
+                 is_split_into_words: bool = False, delimiter: str = " ",
+                 layout: SpecialLayout | None = None) -> list[Document]:
+    """The Python half of `cut_documents`: `Document`s of the inputs' `encode_windows`
+    (`layout`: the tokenizer's `SpecialLayout`, if known)."""
     kept = [windows if stride is not None else windows[:1] for windows in encodings]
-    flat = Window.from_encodings([e for windows in kept for e in windows])
+    flat = Window.from_encodings([e for windows in kept for e in windows], layout)
     docs, at = [], 0
     for i, windows in enumerate(kept):
         doc_windows, at = flat[at:at + len(windows)], at + len(windows)
