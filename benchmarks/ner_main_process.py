@@ -84,9 +84,9 @@ def main() -> int:
     p.add_argument("--json", type=Path, metavar="PATH")
     p.add_argument("--profile", type=Path, metavar="PATH",
                    help="after the timed runs, cProfile one in-process `llm.ner` call per "
-                        "strategy (the engine thread only, its CPU time: waits for the GIL, "
-                        "the tokenizer thread and the emulated GPU do not count) and write "
-                        "PATH.<strategy>.prof")
+                        "strategy and one `encode` (the engine thread only, its CPU time: "
+                        "waits for the GIL, the tokenizer thread and the emulated GPU do not "
+                        "count) and write PATH.<strategy or encode>.prof")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     from transformers import AutoTokenizer
@@ -148,9 +148,12 @@ def main() -> int:
     if args.profile:
         import cProfile
         import pstats
-        for strategy in args.strategies:
+        calls = {s: lambda s=s: llm.ner(texts, aggregation_strategy=s, use_tqdm=False)
+                 for s in args.strategies}
+        calls["encode"] = encode  # the baseline, to compare per-step and per-request work
+        for strategy, call in calls.items():
             profile = cProfile.Profile(time.thread_time)
-            profile.runcall(llm.ner, texts, aggregation_strategy=strategy, use_tqdm=False)
+            profile.runcall(call)
             path = args.profile.with_name(f"{args.profile.name}.{strategy}.prof")
             profile.dump_stats(path)
             print(f"\n{strategy}: {path}")

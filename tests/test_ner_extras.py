@@ -14,7 +14,7 @@ from tagserve import LLM
 from tagserve.engine.async_engine import AsyncEngine
 from tagserve.errors import ValidationError
 from tagserve.postprocess.bio import BioScheme
-from tagserve.postprocess.entities import row_argmax, row_max, softmax
+from tagserve.postprocess.entities import Aggregator, row_argmax, row_max, softmax
 from tagserve.postprocess.ner import NerOptions, jsonable, ner_async
 
 from checkpoints import LABELS, sentences
@@ -215,3 +215,20 @@ def test_row_argmax_matches_numpy():
     expected = np.exp(logits - logits.max(axis=-1, keepdims=True))
     expected /= expected.sum(axis=-1, keepdims=True)
     assert softmax(logits).tobytes() == expected.tobytes()  # transformers' float32 softmax
+
+
+def test_word_cache_is_shared_per_tokenizer(bert):
+    """Aggregators of one tokenizer share a word cache per key kind (token ids; ids and word
+    starts), so a second call finds the first one's words, and gives the same entities."""
+    tokenizer = bert.get_tokenizer()
+    id2label = dict(enumerate(LABELS))
+    simple = Aggregator(tokenizer, id2label, "simple")
+    assert Aggregator(tokenizer, id2label, "simple", threshold=0.5)._words is simple._words
+    first = Aggregator(tokenizer, id2label, "first")
+    assert Aggregator(tokenizer, id2label, "max")._words is first._words
+    assert first._words is not simple._words
+    simple._words.clear()
+    texts = sentences(8, seed=5)
+    cold = bert.ner(texts)
+    assert simple._words  # filled by that call
+    assert bert.ner(texts) == cold

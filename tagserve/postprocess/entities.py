@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,23 @@ STRATEGIES = ("none", "simple", "first", "average", "max")
 BIO_MODES = (None, "repair", "viterbi")
 # Distinct words remembered by an `Aggregator` (the cache is emptied when it grows past this).
 WORD_CACHE_SIZE = 1 << 16
+
+
+def word_cache(tokenizer: Tokenizer, by_word: bool) -> dict[int | bytes, str]:
+    """The `word` cache of a tokenizer's `Aggregator`s: a word depends only on the tokenizer
+    and its group's key (token ids, and where words open for the word strategies), so
+    aggregators share it. Each `LLM.ner` call (each request, on a server) makes its own
+    `Aggregator`; with a cache of its own, every call decoded its distinct words again (~15 us
+    each: ~1,300 misses in 2,000 texts, ~10 us a text)."""
+    caches = _WORD_CACHES.get(tokenizer)
+    if caches is None:
+        caches = _WORD_CACHES[tokenizer] = {}
+    return caches.setdefault(by_word, {})
+
+
+# Per tokenizer, its `word_cache`s: by token ids (False), by ids and word starts (True).
+_WORD_CACHES: weakref.WeakKeyDictionary[Tokenizer, dict[bool, dict[int | bytes, str]]] = \
+    weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -301,7 +319,7 @@ class Aggregator:
             lambda tokens: tokenizer.convert_tokens_to_string(list(tokens)))
         # Each distinct group's `word` by its key (see `_group_words`); groups of up to
         # `_pack_tokens` tokens have an int64 key, `_pack_bits` bits a token.
-        self._words: dict[int | bytes, str] = {}
+        self._words = word_cache(tokenizer, self.by_word)
         self._pack_bits = (2 * len(self.vocab) + 2).bit_length()
         self._pack_tokens = 63 // self._pack_bits
 

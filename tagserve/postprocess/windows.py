@@ -162,7 +162,10 @@ class WindowRows:
 
     @property
     def complete(self) -> bool:
-        return all(r is not None for r in self.rows)
+        rows = self.rows
+        if len(rows) == 1:  # most documents: skips a generator (asked twice a document)
+            return rows[0] is not None
+        return all(r is not None for r in rows)
 
 
 @dataclass
