@@ -53,7 +53,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=HERE.parent / "tagserve/bundled/pii-bert-small")
-    p.add_argument("--train-size", type=int, default=140_000)
+    p.add_argument("--train-size", type=int, default=160_000)
     p.add_argument("--heldout-size", type=int, default=2_000)
     p.add_argument("--natural", type=Path, default=HERE / "eval_natural.jsonl")
     p.add_argument("--vocab-size", type=int, default=8_000, help="trained WordPiece pieces")
