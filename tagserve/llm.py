@@ -25,7 +25,7 @@ from tagserve.engine.inputs import (
     prompt_text,
     tokenize_chunk,
 )
-from tagserve.engine.offline import growing_chunks, progress_bar, run_requests
+from tagserve.engine.offline import progress_bar, prompt_chunks, run_requests
 from tagserve.engine.request import Request
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
@@ -116,7 +116,7 @@ class LLM:
         tokenize = TokenizeParams.from_kwargs(self.model_config.max_model_len,
                                               tokenization_kwargs)
         request_ids = [str(next(self._request_counter)) for _ in items]
-        chunks = growing_chunks(len(items))
+        chunks = prompt_chunks(self.llm_engine, len(items))
         outputs: list[PoolingRequestOutput] = [None] * len(items)  # type: ignore[list-item]
         bar = progress_bar(use_tqdm, len(items), "Processed prompts")
 

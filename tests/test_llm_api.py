@@ -243,6 +243,16 @@ def test_prompt_chunks_grow_and_cover_every_prompt():
     assert growing_chunks(0) == [] and [len(c) for c in growing_chunks(10)] == [10]
 
 
+def test_prompt_chunks_grow_on_gpus_and_are_large_on_cpus():
+    from types import SimpleNamespace
+
+    from tagserve.engine.offline import CPU_CHUNK, prompt_chunks
+
+    gpu, cpu = (SimpleNamespace(runner=SimpleNamespace(pipelined=p)) for p in (True, False))
+    assert [len(c) for c in prompt_chunks(gpu, 1000)] == [64, 128, 256, 512, 40]
+    assert [len(c) for c in prompt_chunks(cpu, 5000)] == [CPU_CHUNK, CPU_CHUNK, 904]
+
+
 def test_only_the_rust_tokenizer_runs_off_the_engine_thread(bert, monkeypatch):
     """Python objects are made on the calling thread; the tokenizer thread only runs the Rust
     encode (a second thread running Python would hold the GIL against the engine's)."""

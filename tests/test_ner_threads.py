@@ -35,6 +35,8 @@ def test_in_process_the_side_thread_runs_only_the_rust_tokenizer(bert, monkeypat
     build: list[tuple[str, int]] = []
     monkeypatch.setattr(Recognizer, "encode", recording(encode, Recognizer.encode))
     monkeypatch.setattr(Recognizer, "documents", recording(build, Recognizer.documents))
+    # as on a GPU (on the CPU, chunks are large from the start)
+    monkeypatch.setattr(documents, "prompt_chunks", lambda engine, n: growing_chunks(n))
     expected = bert.ner(TEXTS[:5], use_tqdm=False)
     encode.clear()
     build.clear()
@@ -57,7 +59,7 @@ def test_chunks_are_prepared_two_ahead_of_the_engine(bert, monkeypatch):
         original(chunk)
 
     monkeypatch.setattr(documents._Chunk, "start", start)
-    monkeypatch.setattr(documents, "growing_chunks", lambda n: growing_chunks(n, 64, 64))
+    monkeypatch.setattr(documents, "prompt_chunks", lambda engine, n: growing_chunks(n, 64, 64))
     bert.ner(TEXTS, use_tqdm=False)
     assert started == list(range(0, len(TEXTS), 64))
 
@@ -85,6 +87,7 @@ def test_with_workers_the_engine_thread_takes_the_cuts(bert, pool, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(CutInWorkers, "result", result)
+    monkeypatch.setattr(documents, "prompt_chunks", lambda engine, n: growing_chunks(n))
     bert.ner_workers = 2
     bert._ner_pool = pool
     try:

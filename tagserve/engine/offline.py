@@ -36,6 +36,20 @@ def growing_chunks(n: int, first: int = FIRST_CHUNK, largest: int = LARGEST_CHUN
     return chunks
 
 
+# On the CPU the model is the bottleneck, not the start: one large chunk lets the engine sort
+# more prompts by length, so batches fill fewer and fuller attention buckets (W4a bf16 on the
+# 2-core box: 14-16k against 10-13k tok/s model-only with growing chunks, alternated runs).
+CPU_CHUNK = 2048
+
+
+def prompt_chunks(engine: LLMEngine, n: int) -> list[range]:
+    """How `n` prompts are fed to `engine`: `growing_chunks` on an asynchronous device (the
+    GPU starts after a few ms), chunks of `CPU_CHUNK` on the CPU."""
+    if engine.runner.pipelined:
+        return growing_chunks(n)
+    return growing_chunks(n, CPU_CHUNK, CPU_CHUNK)
+
+
 def progress_bar(use_tqdm: bool | Callable[..., tqdm], total: int, desc: str) -> tqdm | None:
     if not use_tqdm or total < TQDM_MIN_ITEMS:
         return None

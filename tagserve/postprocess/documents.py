@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from tagserve.engine.engine import LLMEngine
-from tagserve.engine.offline import growing_chunks, run_requests
+from tagserve.engine.offline import prompt_chunks, run_requests
 from tagserve.engine.request import Request
 from tagserve.params import PoolingParams
 from tagserve.postprocess.windows import Document, WindowRows
@@ -27,7 +27,7 @@ from tagserve.postprocess.windows import Document, WindowRows
 R = TypeVar("R")
 E = TypeVar("E")
 
-# Inputs are taken in `growing_chunks`, as `LLM.encode` takes prompts. Chunks being prepared
+# Inputs are taken in `prompt_chunks`, as `LLM.encode` takes prompts. Chunks being prepared
 # ahead of the one the engine takes (more would only queue up: in the tokenizer thread, or in
 # workers ahead of the documents they are to finish).
 AHEAD = 2
@@ -162,7 +162,7 @@ def run_documents(engine: LLMEngine, items: Sequence[Any],
     def start(chunk: range) -> Prepared:
         return prepare([items[i] for i in chunk])
 
-    pending = deque(_Chunk(chunk, start, make) for chunk in growing_chunks(len(items)))
+    pending = deque(_Chunk(chunk, start, make) for chunk in prompt_chunks(engine, len(items)))
     chunks = pending  # `make` starts the next ones as each is taken
     for chunk in itertools.islice(pending, AHEAD):
         chunk.start()
