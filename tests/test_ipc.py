@@ -3,6 +3,8 @@ frames are reassembled whatever pieces the socket delivers them in."""
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
 from tagserve.engine import ipc
@@ -66,3 +68,21 @@ def test_frames_are_reassembled_from_any_pieces():
             protocol.buffer_updated(n)
             at += n
         assert got == frames
+
+
+def test_outbox_sends_one_frame_per_kind_at_the_end_of_the_loop_turn():
+    sent: list[tuple[str, list]] = []
+
+    async def turn() -> None:
+        box = ipc.Outbox(sent.append, lambda items: ("a", items), lambda items: ("b", items))
+        box.put(1, "x")
+        box.put(0, 1)
+        box.put(0, 2)
+        assert sent == []  # nothing before the turn ends
+        await asyncio.sleep(0)
+        assert sent == [("a", [1, 2]), ("b", ["x"])]
+        box.put(0, 3)
+        await asyncio.sleep(0)
+
+    asyncio.run(turn())
+    assert sent[-1] == ("a", [3]) and len(sent) == 3

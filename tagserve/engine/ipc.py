@@ -256,3 +256,29 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def send(self, payload: Sequence[Payload]) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(frame(payload))
+
+
+class Outbox:
+    """Items for one peer, gathered over a turn of the event loop and sent at its end as one
+    frame per kind (`encoders[k]` makes kind k's frame of its items, in the order given), so
+    that many calls or answers share a frame under load."""
+
+    def __init__(self, send: Callable[[Sequence[Payload]], None],
+                 *encoders: Callable[[list[Any]], Sequence[Payload]]) -> None:
+        self._send = send
+        self._encoders = encoders
+        self._items: list[list[Any]] = [[] for _ in encoders]
+        self._scheduled = False
+
+    def put(self, kind: int, item: Any) -> None:
+        self._items[kind].append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        for k, encode in enumerate(self._encoders):
+            items, self._items[k] = self._items[k], []
+            if items:
+                self._send(encode(items))

@@ -51,9 +51,8 @@ class EngineClient:
         self._lost = False
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[list[torch.Tensor]]] = {}
-        self._calls: list[tuple[int, list[list[int]], PoolingParams]] = []
-        self._cancels: list[int] = []
-        self._flush_scheduled = False
+        # kind 0: calls `(id, token ids, params)`, kind 1: ids of cancelled calls
+        self._outbox = ipc.Outbox(self._send, ipc.encode_calls, ipc.encode_cancel)
 
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -99,14 +98,12 @@ class EngineClient:
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = future
-        self._calls.append((call_id, [p.token_ids for p in prompts], params))
-        self._schedule_flush()
+        self._outbox.put(0, (call_id, [p.token_ids for p in prompts], params))
         try:
             return await future
         except asyncio.CancelledError:
             if not future.done():
-                self._cancels.append(call_id)
-                self._schedule_flush()
+                self._outbox.put(1, call_id)
             raise
         finally:
             self._waiting.pop(call_id, None)
@@ -115,22 +112,9 @@ class EngineClient:
         if not self.is_alive:
             raise EngineDeadError("The engine has stopped; restart the server.")
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Calls and cancels of this turn of the loop, a frame each (calls first)."""
-        self._flush_scheduled = False
-        calls, self._calls = self._calls, []
-        cancels, self._cancels = self._cancels, []
-        if self._protocol is None:
-            return
-        if calls:
-            self._protocol.send(ipc.encode_calls(calls))
-        if cancels:
-            self._protocol.send(ipc.encode_cancel(cancels))
+    def _send(self, payload: list[ipc.Payload]) -> None:
+        if self._protocol is not None:
+            self._protocol.send(payload)
 
     def _on_frame(self, payload: bytearray) -> None:
         kind = ipc.kind(payload)

@@ -41,9 +41,8 @@ class _Connection:
         self.service = service
         self.protocol = ipc.FrameProtocol(self.on_frame, self.on_lost)
         self.calls: dict[int, asyncio.Task[None]] = {}
-        self.results: list[tuple[int, list[torch.Tensor]]] = []
-        self.errors: list[tuple[int, BaseException]] = []
-        self.flush_scheduled = False
+        # kind 0: results `(call id, rows)`, kind 1: errors `(call id, exception)`
+        self.outbox = ipc.Outbox(self.protocol.send, self._encode_results, ipc.encode_errors)
 
     def on_frame(self, payload: bytearray) -> None:
         kind = ipc.kind(payload)
@@ -64,28 +63,19 @@ class _Connection:
         prompts = [TokenizedPrompt(ids, None, None) for ids in call.token_ids]
         try:
             rows = await self.service.engine.encode(prompts, call.params)
-            self.results.append((call.id, rows))  # after the await: `flush` swaps the list
+            self.outbox.put(0, (call.id, rows))
         except asyncio.CancelledError:
             return  # the client has gone; nobody waits for an answer
         except Exception as exc:  # noqa: BLE001 - sent to the caller, mapped to HTTP there
-            self.errors.append((call.id, exc))
+            self.outbox.put(1, (call.id, exc))
             if isinstance(exc, EngineDeadError):
                 self.service.stop(1)
         finally:
             self.calls.pop(call.id, None)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
 
-    def flush(self) -> None:
-        """Everything answered since the last flush, as (at most) two frames."""
-        self.flush_scheduled = False
-        results, self.results = self.results, []
-        errors, self.errors = self.errors, []
-        if results:
-            self.protocol.send(ipc.encode_results(results, self.service.engine.num_waiting))
-        if errors:
-            self.protocol.send(ipc.encode_errors(errors))
+    def _encode_results(self, results: list[tuple[int, list[torch.Tensor]]]) -> list[ipc.Payload]:
+        """Results, with the engine's queue depth as of now (the API processes show it)."""
+        return ipc.encode_results(results, self.service.engine.num_waiting)
 
     def on_lost(self, exc: BaseException | None) -> None:
         for task in self.calls.values():
