@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -19,6 +21,22 @@ from tokenizers import Encoding
 from tokenizers import Tokenizer as RustTokenizer
 
 from tagserve.errors import ModelLoadError, ValidationError
+
+T = TypeVar("T")
+
+
+def per_tokenizer(fn: Callable[[Tokenizer], T]) -> Callable[[Tokenizer], T]:
+    """`fn(tokenizer)` computed once per tokenizer and kept while the tokenizer lives: for
+    what post-processing derives from a tokenizer and every call would otherwise redo."""
+    values: weakref.WeakKeyDictionary[Tokenizer, T] = weakref.WeakKeyDictionary()
+
+    @functools.wraps(fn)
+    def cached(tokenizer: Tokenizer) -> T:
+        if tokenizer not in values:
+            values[tokenizer] = fn(tokenizer)
+        return values[tokenizer]
+
+    return cached
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@ rows over the windows that hold it, weighted toward window centres (`Document.me
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding
 
-from tagserve.engine.tokenizer import Tokenizer
+from tagserve.engine.tokenizer import Tokenizer, per_tokenizer
 
 
 class Window:
@@ -108,17 +107,14 @@ class SpecialLayout:
         self.head = head
         self.tail = tail
 
-    @classmethod
-    def probe(cls, tokenizer: Tokenizer) -> SpecialLayout | None:
-        cached = _LAYOUTS.get(tokenizer, False)
-        if cached is not False:
-            return cached
-        layout = cls._read(tokenizer)
-        _LAYOUTS[tokenizer] = layout
-        return layout
+    @staticmethod
+    def probe(tokenizer: Tokenizer) -> SpecialLayout | None:
+        """`read`, once per tokenizer."""
+        return _probe(tokenizer)
 
     @classmethod
-    def _read(cls, tokenizer: Tokenizer) -> SpecialLayout | None:
+    def read(cls, tokenizer: Tokenizer) -> SpecialLayout | None:
+        """The layout of `tokenizer` (what `probe` caches)."""
         specials = tokenizer.num_special_tokens_to_add()
         text = " ".join(["a", *tokenizer.all_special_tokens, "b"])
         masks = [tokenizer.rust.encode(t, add_special_tokens=True).special_tokens_mask
@@ -145,9 +141,8 @@ class SpecialLayout:
         return special
 
 
-# Layouts by tokenizer (`SpecialLayout.probe`; None: flags read per token).
-_LAYOUTS: weakref.WeakKeyDictionary[Tokenizer, SpecialLayout | None] = \
-    weakref.WeakKeyDictionary()
+# `SpecialLayout.probe`: the layout read once per tokenizer (None: flags read per token).
+_probe = per_tokenizer(SpecialLayout.read)
 
 
 class WindowRows:
