@@ -69,5 +69,5 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Forget every waiting and in-flight request (after an error in offline use)."""
-        self.scheduler.waiting.clear()
+        self.scheduler.clear()
         self.in_flight = None

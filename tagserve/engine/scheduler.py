@@ -20,6 +20,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.waiting: deque[Request] = deque()
+        self.waiting_tokens = 0  # tokens of `waiting`, cancelled requests included
         self._lock = threading.Lock()
 
     def add_all(self, requests: list[Request]) -> None:
@@ -28,25 +29,37 @@ class Scheduler:
         with self._lock:
             if len(self.waiting) + len(requests) > limit:
                 self.waiting = deque(r for r in self.waiting if not r.cancelled)
+                self.waiting_tokens = sum(r.num_tokens for r in self.waiting)
             if len(self.waiting) + len(requests) > limit:
                 raise QueueFullError(f"The server is at its queue limit ({limit} waiting "
                                      "sequences); retry later.")
             self.waiting.extend(requests)
+            self.waiting_tokens += sum(r.num_tokens for r in requests)
 
     def __len__(self) -> int:
         return len(self.waiting)
 
+    def clear(self) -> None:
+        with self._lock:
+            self.waiting.clear()
+            self.waiting_tokens = 0
+
     def schedule(self) -> list[Request]:
         batch: list[Request] = []
         tokens = 0
+        max_seqs, budget = self.config.max_num_seqs, self.config.max_num_batched_tokens
         with self._lock:
-            while self.waiting and len(batch) < self.config.max_num_seqs:
-                if self.waiting[0].cancelled:
-                    self.waiting.popleft()
+            waiting = self.waiting
+            while waiting and len(batch) < max_seqs:
+                request = waiting[0]
+                n = request.num_tokens
+                if request.cancelled:
+                    waiting.popleft()
+                    self.waiting_tokens -= n
                     continue
-                n = self.waiting[0].num_tokens
-                if batch and tokens + n > self.config.max_num_batched_tokens:
+                if batch and tokens + n > budget:
                     break
-                batch.append(self.waiting.popleft())
+                batch.append(waiting.popleft())
                 tokens += n
+            self.waiting_tokens -= tokens
         return batch
