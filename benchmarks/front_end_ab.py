@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import http_client  # noqa: E402
 from serve_load import LOADS, free_port, request_bodies, server_cpu  # noqa: E402
 from workloads import WORKLOADS, build_checkpoint, make_corpus, smoke_spec  # noqa: E402
 
@@ -72,28 +73,14 @@ def start(server: str, model: Path, args: argparse.Namespace) -> tuple[subproces
     raise RuntimeError(f"the server {server} did not start")
 
 
-async def _connection(port: int, requests: list[bytes], latencies: list[float]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    for request in requests:
-        start = time.perf_counter()
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        body = await reader.readexactly(length)
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError((head + body[:300]).decode(errors="replace"))
-        latencies.append(time.perf_counter() - start)
-    writer.close()
-
-
 async def send_all(port: int, bodies: list[bytes], concurrency: int) -> tuple[list[float], float]:
     """Every body over `concurrency` keep-alive connections: latencies (s) and wall time."""
-    requests = [b"POST /pooling HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies]
+    requests = [http_client.post("/pooling", b) for b in bodies]
     latencies: list[float] = []
     start = time.perf_counter()
-    await asyncio.gather(*(_connection(port, requests[i::concurrency], latencies)
-                           for i in range(concurrency)))
+    await asyncio.gather(*(http_client.connection(
+        port, iter(requests[i::concurrency]), lambda s, _: latencies.append(s))
+        for i in range(concurrency)))
     return latencies, time.perf_counter() - start
 
 

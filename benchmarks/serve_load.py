@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import http_client  # noqa: E402
 
 LOADS = {  # name: (texts per request, tokens per text, concurrency)
     "W3": (16, 50, 256),
@@ -50,6 +51,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="override the workload's concurrency")
     p.add_argument("--client-procs", type=int, default=4, help="client processes for W3")
     p.add_argument("--encoding-format", default="float", choices=("float", "base64"))
+    p.add_argument("--client", default="raw", choices=("raw", "httpx"),
+                   help="raw: a minimal keep-alive HTTP/1.1 client (benchmarks/http_client.py, "
+                   "~no client CPU); httpx: what a Python user would write (~2-6 ms of client "
+                   "CPU a W3 request, which competes with the server for the cores)")
     p.add_argument("--client-parse", default="full", choices=("full", "usage"),
                    help="full: parse each response as JSON (what a client does); usage: read "
                    "only its token count (when the clients are the bottleneck)")
@@ -96,45 +101,58 @@ def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
 _USAGE = re.compile(rb'"usage":\{"prompt_tokens":(\d+)')
 
 
-async def _client(url: str, bodies: list[bytes], concurrency: int, ready: Any,
-                  parse: str) -> tuple[list[float], int, float, float, float]:
+def _tokens_of(body: bytes, parse: str) -> int:
+    if parse == "full":
+        return json.loads(body)["usage"]["prompt_tokens"]
+    return int(_USAGE.search(body, max(0, len(body) - 200)).group(1))
+
+
+async def _client(url: str, bodies: list[bytes], concurrency: int, ready: Any, parse: str,
+                  kind: str) -> tuple[list[float], int, float, float, float]:
     """Send every body with at most `concurrency` in flight: latencies (s), tokens served,
     the wall-clock start and end of the sending and this process's CPU seconds meanwhile.
     Sending starts once every client process has passed `ready` (a barrier), so slow process
-    start-ups do not stretch the wall time."""
+    start-ups do not stretch the wall time. `kind`: "raw" (`http_client`, keep-alive
+    connections, ~no client CPU) or "httpx" (what a Python user would write)."""
     import httpx
 
     latencies: list[float] = []
     tokens = 0
-    queue = iter(bodies)
+
+    def on_response(latency: float, body: bytes) -> None:
+        nonlocal tokens
+        latencies.append(latency)
+        tokens += _tokens_of(body, parse)
+
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         await client.get("/health")
         ready.wait()
         begin, cpu = time.time(), time.process_time()
+        queue = iter(bodies)
 
         async def worker() -> None:
-            nonlocal tokens
             for body in queue:
                 start = time.perf_counter()
                 r = await client.post("/pooling", content=body,
                                       headers={"Content-Type": "application/json"})
-                latencies.append(time.perf_counter() - start)
                 r.raise_for_status()
-                if parse == "full":
-                    tokens += r.json()["usage"]["prompt_tokens"]
-                else:
-                    tail = max(0, len(r.content) - 200)
-                    tokens += int(_USAGE.search(r.content, tail).group(1))
+                on_response(time.perf_counter() - start, r.content)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if kind == "raw":
+            port = int(url.rsplit(":", 1)[1])
+            requests = (http_client.post("/pooling", body) for body in bodies)
+            await asyncio.gather(*(http_client.connection(port, requests, on_response)
+                                   for _ in range(concurrency)))
+        else:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
         end, cpu = time.time(), time.process_time() - cpu
     return latencies, tokens, begin, end, cpu
 
 
 def _client_proc(url: str, bodies: list[bytes], concurrency: int, ready: Any, parse: str,
-                 out: mp.Queue) -> None:
-    out.put(asyncio.run(_client(url, bodies, concurrency, ready, parse)))
+                 kind: str, out: mp.Queue) -> None:
+    out.put(asyncio.run(_client(url, bodies, concurrency, ready, parse, kind)))
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -170,14 +188,15 @@ def server_cpu(pid: int | None) -> tuple[float, float, float]:
 
 
 def run_load(url: str, bodies: list[bytes], concurrency: int, procs: int,
-             parse: str = "full") -> dict:
+             parse: str = "full", kind: str = "raw") -> dict:
     procs = max(1, min(procs, concurrency))
     shares = [bodies[i::procs] for i in range(procs)]
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     ready = ctx.Barrier(procs)
     workers = [ctx.Process(target=_client_proc, args=(url, share, max(1, concurrency // procs),
-                                                      ready, parse, queue)) for share in shares]
+                                                      ready, parse, kind, queue))
+               for share in shares]
     for w in workers:
         w.start()
     results = [queue.get() for _ in workers]
@@ -234,10 +253,10 @@ def main() -> None:
             texts = [" ".join(w[: max(1, int(len(w) * tokens / 50))]) for w in words]
             bodies = request_bodies(texts, per_request, n, args.encoding_format)
             run_load(url, bodies[: min(len(bodies), 2 * concurrency)], concurrency,
-                     args.client_procs, args.client_parse)  # warm-up
+                     args.client_procs, args.client_parse, args.client)  # warm-up
             before = server_cpu(proc and proc.pid)
             result = run_load(url, bodies, concurrency, args.client_procs if concurrency > 1
-                              else 1, args.client_parse)
+                              else 1, args.client_parse, args.client)
             after = server_cpu(proc and proc.pid)
             per_request_ms = [(b - a) / result["requests"] * 1e3
                               for a, b in zip(before, after, strict=True)]
