@@ -72,6 +72,9 @@ def main() -> int:
     p.add_argument("--num-texts", type=int, default=2000)
     p.add_argument("--corpus", default="mixed", choices=("mixed", "short50"))
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--tokenize-only-workers", nargs="*", type=int, default=[],
+                   help="also these worker counts with LLM(ner_tokenize_only=True): workers "
+                        "only cut the inputs, entities are built in this process")
     p.add_argument("--strategies", nargs="+", default=["simple"])
     p.add_argument("--entity-share", type=float, default=0.085,
                    help="share of token ids tagged as entities (by the logits table)")
@@ -136,15 +139,17 @@ def main() -> int:
     base = best(encode, [])
     report("encode", "-", 0, base, None)
     base_wall = base["wall"]
-    for workers in args.workers:
-        llm.ner_workers = workers
+    runs = [(w, False) for w in args.workers] + [(w, True) for w in args.tokenize_only_workers]
+    for workers, tokenize_only in runs:
+        llm.ner_workers, llm.ner_tokenize_only = workers, tokenize_only
         pids = [f.result() for f in llm._shared_ner_pool().ready()._started] if workers else []
+        path = "llm.ner, tokenize-only workers" if tokenize_only else "llm.ner"
         for strategy in args.strategies:
             llm.ner(texts[:256], aggregation_strategy=strategy, use_tqdm=False)  # warm-up
             r = best(lambda s=strategy: llm.ner(texts, aggregation_strategy=s, use_tqdm=False),
                      pids)
-            report("llm.ner", strategy, workers, r, base_wall)
-    llm.ner_workers = 0
+            report(path, strategy, workers, r, base_wall)
+    llm.ner_workers, llm.ner_tokenize_only = 0, False
     if args.profile:
         import cProfile
         import pstats

@@ -3,7 +3,9 @@
 On the same texts it times `LLM.encode(texts)` (tokenize, model, per-token rows out), then
 `LLM.ner(texts)` and `tagserve ner --input IN.jsonl --output OUT.jsonl` (`tag_corpus`), each
 with tokenization and entities in this process (0 workers) and in N worker processes
-(`LLM(ner_workers=N)`, `--workers N`; pools are started before timing). The post-processing
+(`LLM(ner_workers=N)`, `--workers N`; pools are started before timing), and optionally with
+workers that only tokenize (`LLM(ner_workers=N, ner_tokenize_only=True)`,
+`--tokenize-only-workers N`). The post-processing
 share is `ner s / encode s - 1`; "extra us/entity" is `(ner s - encode s) / entities`, "extra
 main CPU" the same in this process's CPU time (all its threads, not the workers). "finish" is
 the in-process `Recognizer.finish` time. A second table splits this process's CPU per text in
@@ -61,6 +63,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["simple", "first"])
     p.add_argument("--workers", nargs="+", type=int, default=[0, 4],
                    help="post-processing worker processes to compare (0: in process)")
+    p.add_argument("--tokenize-only-workers", nargs="*", type=int, default=[],
+                   help="also these worker counts with LLM(ner_tokenize_only=True): workers "
+                        "only cut the inputs, entities are built in this process")
     p.add_argument("--entity-shares", nargs="+", default=["probe", "0.085"],
                    help='share of tokens tagged as entities: "probe" as the benchmark '
                         "checkpoint's probe head tags them (dense), or a number (the head's "
@@ -205,13 +210,15 @@ def measure(args: argparse.Namespace, llm: Any, name: str, share: str,
     for strategy in args.strategies:
         if strategy == "none" and args.stride is not None:
             continue
-        for workers in args.workers:
-            llm.ner_workers = workers
+        runs = [(w, False) for w in args.workers] + [(w, True)
+                                                     for w in args.tokenize_only_workers]
+        for workers, tokenize_only in runs:
+            llm.ner_workers, llm.ner_tokenize_only = workers, tokenize_only
             if workers:
                 llm._shared_ner_pool().ready()  # workers started: not timed
             llm.ner(texts[:256], aggregation_strategy=strategy, stride=args.stride,
                     use_tqdm=False)  # warm-up
-            finish = Timed(Recognizer, "finish") if workers == 0 else None
+            finish = Timed(Recognizer, "finish") if workers == 0 or tokenize_only else None
             try:
                 seconds, cpu, out = best_of(args.repeat, lambda s=strategy: llm.ner(
                     texts, aggregation_strategy=s, stride=args.stride, use_tqdm=False))
@@ -219,9 +226,10 @@ def measure(args: argparse.Namespace, llm: Any, name: str, share: str,
                 if finish is not None:
                     finish.restore()
             counts[strategy] = sum(map(len, out))
-            add("llm.ner", strategy, workers, seconds, cpu, counts[strategy],
+            add("llm.ner, tokenize-only workers" if tokenize_only else "llm.ner", strategy,
+                workers, seconds, cpu, counts[strategy],
                 None if finish is None else finish.seconds / args.repeat)
-    llm.ner_workers = 0
+    llm.ner_workers, llm.ner_tokenize_only = 0, False
     for strategy in counts if args.isolated_texts else ():
         isolated = main_process_costs(llm, texts[:args.isolated_texts], strategy, args.stride)
         isolated.update(workload=name, entity_share=share, strategy=strategy)

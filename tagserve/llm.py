@@ -56,7 +56,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  load_format: str = "auto", revision: str | None = None,
                  skip_tokenizer_init: bool = False, enforce_eager: bool = False,
-                 ner_workers: int = 0, **kwargs: Any) -> None:
+                 ner_workers: int = 0, ner_tokenize_only: bool = False,
+                 **kwargs: Any) -> None:
         self.llm_engine: LLMEngine = create_engine(EngineArgs(
             model=model, tokenizer=tokenizer, runner=runner, convert=convert, dtype=dtype,
             max_model_len=max_model_len, pooler_config=pooler_config, hf_overrides=hf_overrides,
@@ -66,6 +67,7 @@ class LLM:
             enforce_eager=enforce_eager, extra=kwargs))
         self._request_counter = itertools.count()
         self.ner_workers = ner_workers  # `ner`'s post-processing processes (0: in this one)
+        self.ner_tokenize_only = ner_tokenize_only  # workers only cut, entities built here
         self._ner_pool: NerPool | None = None
 
     @property
@@ -153,7 +155,8 @@ class LLM:
         """Entities per input, as transformers' token-classification pipeline returns them
         (one list for one input, a list of lists for a list); see README "Entities (NER)".
         `postprocess_workers`: processes that build the entities beside the engine (default:
-        the LLM's `ner_workers`; 0: this process; other counts start a pool for this call)."""
+        the LLM's `ner_workers`; 0: this process; other counts start a pool for this call);
+        with the LLM's `ner_tokenize_only` they only tokenize and cut the inputs."""
         self._check_task("token_classify")
         options = NerOptions.create(
             aggregation_strategy=aggregation_strategy, ignore_labels=ignore_labels,
@@ -164,9 +167,9 @@ class LLM:
         if workers and workers != self.ner_workers:
             with self._new_ner_pool(workers) as pool:
                 return run_ner(self.llm_engine, inputs, options, self._request_counter,
-                               use_tqdm, pool)
+                               use_tqdm, pool, self.ner_tokenize_only)
         return run_ner(self.llm_engine, inputs, options, self._request_counter, use_tqdm,
-                       self._shared_ner_pool() if workers else None)
+                       self._shared_ner_pool() if workers else None, self.ner_tokenize_only)
 
     def _new_ner_pool(self, workers: int) -> NerPool:
         return NerPool.for_model(workers, self.model_config, self.llm_engine.tokenizer)

@@ -56,15 +56,23 @@ def llm(request, make_checkpoint) -> LLM:
                max_num_batched_tokens=256)
 
 
+@pytest.fixture(params=[False, True], ids=["entities-in-workers", "tokenize-only"])
+def tokenize_only(llm, request):
+    """Both ways of using the workers: all of NER there, or only cutting the inputs."""
+    llm.ner_tokenize_only = request.param
+    yield request.param
+    llm.ner_tokenize_only = False
+
+
 @pytest.mark.parametrize("options", CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in
                                                                     o.items()))
-def test_workers_match_in_process(llm, options):
+def test_workers_match_in_process(llm, options, tokenize_only):
     ours = llm.ner(TEXTS, use_tqdm=False, **options)
     assert same(ours, llm.ner(TEXTS, use_tqdm=False, postprocess_workers=0, **options))
     assert sum(map(len, ours)) > 0
 
 
-def test_word_input_and_single_text(llm):
+def test_word_input_and_single_text(llm, tokenize_only):
     words = [text.split() for text in TEXTS if text]
     for kwargs in ({"aggregation_strategy": "first"}, {"aggregation_strategy": "max",
                                                        "stride": 20, "delimiter": "  "}):

@@ -27,7 +27,7 @@ import pickle
 import sys
 import threading
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ import numpy as np
 from tagserve.config import ModelConfig
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.postprocess.ner import NerOptions, NerResult, Recognizer
-from tagserve.postprocess.windows import Document, WindowRows
+from tagserve.postprocess.windows import Document, PackedDocuments, WindowRows
 
 # Inputs per part when a call's inputs are spread over the workers, at least.
 MIN_PART = 16
@@ -171,6 +171,13 @@ def _cut(options: NerOptions, items: list[Any],
             [len(d.windows) for d in docs], sum(d.truncated for d in docs))
 
 
+def _documents(options: NerOptions, items: list[Any]) -> PackedDocuments:
+    """Cut the inputs (not kept here) and send the documents back whole."""
+    assert _worker is not None
+    return PackedDocuments.of(_worker.recognizer(options).cut(items),
+                              texts_are_inputs=not options.is_split_into_words)
+
+
 def _entities(options: NerOptions, shipment: Shipment) -> bytes:
     """The results and their scores, moved out into one float32 array (None: left in place),
     pickled here: the parent's executor thread then receives one bytes object (no Python work
@@ -274,21 +281,38 @@ class NerPool:
 
     def start_cut(self, recognizer: Recognizer, items: list[Any]) -> CutInWorkers:
         """`prepare` started: returns at once (a `Prepared` for `run_documents`)."""
-        parts = max(1, min(self.workers, len(items) // MIN_PART))
-        bounds = np.linspace(0, len(items), parts + 1).astype(np.int64).tolist()
         submitted = []
-        for a, b in itertools.pairwise(bounds):
+        for worker, a, b in self._parts(len(items)):
             with self._lock:  # callers may be threads of a pool
-                worker, first_key = next(self._turn) % self.workers, self._next_key
+                first_key = self._next_key
                 self._next_key += b - a
             submitted.append((worker, first_key, self._submit(
                 worker, _cut, recognizer.options, items[a:b], first_key)))
         return CutInWorkers(self, recognizer, submitted)
 
-    def stages(self, recognizer: Recognizer) -> tuple[Any, PooledFinish]:
-        """`prepare` and `finish` for `run_documents`, both in the workers."""
-        return (functools.partial(self.start_cut, recognizer),
-                PooledFinish(self, recognizer.options))
+    def start_documents(self, recognizer: Recognizer, items: list[Any]) -> DocumentsInWorkers:
+        """`recognizer.prepare(items)` started in the workers, the documents to be sent back
+        whole (for `recognizer.finish` in this process)."""
+        return DocumentsInWorkers(self, recognizer, items, [
+            (a, b, self._submit(worker, _documents, recognizer.options, items[a:b]))
+            for worker, a, b in self._parts(len(items))])
+
+    def _parts(self, n: int) -> list[tuple[int, int, int]]:
+        """`range(n)` spread over the workers: (worker, start, end) per part."""
+        parts = max(1, min(self.workers, n // MIN_PART))
+        bounds = np.linspace(0, n, parts + 1).astype(np.int64).tolist()
+        with self._lock:
+            return [(next(self._turn) % self.workers, a, b) for a, b in itertools.pairwise(bounds)]
+
+    def stages(self, recognizer: Recognizer, tokenize_only: bool = False,
+               ) -> tuple[Any, Any, Callable[[list[Any]], list[NerResult]]]:
+        """`prepare`, `finish` for `run_documents` and the `collect` of its results: all in the
+        workers, or (`tokenize_only`) the inputs cut there and the entities built here."""
+        if tokenize_only:
+            return (functools.partial(self.start_documents, recognizer), recognizer.finish,
+                    list)
+        finish = PooledFinish(self, recognizer.options)
+        return functools.partial(self.start_cut, recognizer), finish, finish.collect
 
     def submit(self, options: NerOptions, cuts: Sequence[Cut]) -> list[tuple[Finished, int]]:
         """`Recognizer(options).finish` of the cuts in their workers: per cut, its shipment's
@@ -383,6 +407,32 @@ class CutInWorkers:
             truncated += dropped
         self.recognizer.warn_truncated(truncated)
         return cuts
+
+    def cancel(self) -> None:
+        for _, _, future in self.submitted:
+            future.cancel()
+
+
+class DocumentsInWorkers:
+    """Inputs being cut in the workers (`NerPool.start_documents`); `result()` makes their
+    `Document`s here, on the caller's (the engine's) thread."""
+
+    def __init__(self, pool: NerPool, recognizer: Recognizer, items: list[Any],
+                 submitted: list[tuple[int, int, Future]]) -> None:
+        self.pool = pool
+        self.recognizer = recognizer
+        self.items = items
+        self.submitted = submitted
+
+    def done(self) -> bool:
+        return all(future.done() for _, _, future in self.submitted)
+
+    def result(self) -> list[Document]:
+        docs: list[Document] = []
+        for a, b, future in self.submitted:
+            docs += self.pool.outcome(future).documents(self.items[a:b])
+        self.recognizer.warn_truncated(sum(d.truncated for d in docs))
+        return docs
 
     def cancel(self) -> None:
         for _, _, future in self.submitted:

@@ -233,6 +233,64 @@ class Document(WindowRows):
             weight[pos[keep]] += w
         return (total / weight[:, None]).astype(np.float32)
 
+
+@dataclass
+class PackedDocuments:
+    """Documents as a few flat arrays, to be sent between processes (one pickle of arrays, no
+    `Encoding`s: the receiver never frees or reads one): all windows' ids, spans and flags
+    concatenated; per window its length and whether it has content flags; per document its
+    number of windows and whether it was truncated."""
+
+    ids: np.ndarray  # [T] int32
+    offsets: np.ndarray  # [T, 2] int32
+    special: np.ndarray  # [T] bool
+    content: np.ndarray  # [T] bool (meaningful in windows with `has_content` only)
+    lengths: np.ndarray  # [W] int64
+    has_content: np.ndarray  # [W] bool
+    counts: np.ndarray  # [D] int64
+    truncated: np.ndarray  # [D] bool
+    stride: int
+    texts: list[str] | None  # the documents' texts; None: they are the inputs (text input)
+
+    @classmethod
+    def of(cls, docs: Sequence[Document], texts_are_inputs: bool) -> PackedDocuments:
+        windows = [w for d in docs for w in d.windows]
+        return cls(_joined([w.ids for w in windows], np.int32, 1),
+                   _joined([w.offsets for w in windows], np.int32, 2),
+                   _joined([w.special for w in windows], np.bool_, 1),
+                   _joined([np.zeros(len(w.ids), bool) if w.content is None else w.content
+                            for w in windows], np.bool_, 1),
+                   np.array([len(w.ids) for w in windows], dtype=np.int64),
+                   np.array([w.content is not None for w in windows], dtype=bool),
+                   np.array([len(d.windows) for d in docs], dtype=np.int64),
+                   np.array([d.truncated for d in docs], dtype=bool),
+                   docs[0].stride if docs else 0,
+                   None if texts_are_inputs else [d.text for d in docs])
+
+    def documents(self, inputs: Sequence[Any]) -> list[Document]:
+        """The documents again, their windows views of int64 copies of the arrays; `inputs`:
+        the texts, when `texts` is None."""
+        ids, offsets = self.ids.astype(np.int64), self.offsets.astype(np.int64)
+        bounds = np.append(0, np.cumsum(self.lengths)).tolist()
+        windows = [Window(ids[a:b], offsets[a:b], self.special[a:b],
+                          self.content[a:b] if content else None)
+                   for a, b, content in zip(bounds[:-1], bounds[1:], self.has_content.tolist(),
+                                            strict=True)]
+        texts = inputs if self.texts is None else self.texts
+        docs, at = [], 0
+        for text, count, truncated in zip(texts, self.counts.tolist(), self.truncated.tolist(),
+                                          strict=True):
+            docs.append(Document(text, windows[at:at + count], self.stride, truncated))
+            at += count
+        return docs
+
+
+def _joined(arrays: list[np.ndarray], dtype: Any, ndim: int) -> np.ndarray:
+    if not arrays:
+        return np.zeros((0, 2)[:ndim], dtype)
+    return np.concatenate(arrays).astype(dtype, copy=False)
+
+
 def cut_documents(tokenizer: Tokenizer, inputs: Sequence[str] | Sequence[Sequence[str]],
                   max_length: int, stride: int | None, *, is_split_into_words: bool = False,
                   delimiter: str = " ") -> list[Document]:
