@@ -14,7 +14,7 @@ from tagserve import LLM
 from tagserve.engine.async_engine import AsyncEngine
 from tagserve.errors import ValidationError
 from tagserve.postprocess.bio import BioScheme
-from tagserve.postprocess.entities import Aggregator, row_argmax, row_max, softmax
+from tagserve.postprocess.entities import Aggregator, row_argmax, row_max, row_top, softmax
 from tagserve.postprocess.ner import NerOptions, jsonable, ner_async
 
 from checkpoints import LABELS, sentences
@@ -202,7 +202,8 @@ def test_repeated_and_unknown_words_match_pipeline(make_checkpoint, family):
 
 
 def test_row_argmax_matches_numpy():
-    """The column-by-column argmax and max equal numpy's, ties (first wins) and NaN included."""
+    """The column-by-column argmax and max equal numpy's, ties (first wins) and NaN included;
+    `row_top`'s values are the rows' values at the argmax, to the bit."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 4, size=(500, 9)).astype(np.float32)  # many ties
     x[7, 3] = np.nan
@@ -211,6 +212,10 @@ def test_row_argmax_matches_numpy():
     for rows in (x[:7], x, x[:, :1], x[:0]):
         assert np.array_equal(row_argmax(rows), rows.argmax(axis=1))
         assert np.array_equal(row_max(rows), rows.max(axis=1), equal_nan=True)
+        for probs in (rows, rows + 0.5):  # maxima 0 (the fallback) and positive (the keys)
+            labels, values = row_top(probs)
+            assert np.array_equal(labels, probs.argmax(axis=1))
+            assert values.tobytes() == probs[np.arange(len(probs)), labels].tobytes()
     logits = rng.standard_normal((300, 9)).astype(np.float32) * 8
     expected = np.exp(logits - logits.max(axis=-1, keepdims=True))
     expected /= expected.sum(axis=-1, keepdims=True)

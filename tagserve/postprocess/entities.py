@@ -108,18 +108,23 @@ class Sequences:
 @dataclass
 class Tagged:
     """Aggregation of `Sequences`: each sequence's entities and, per non-special token of all
-    sequences, its position in its sequence, the label it got and that label's probability."""
+    sequences, its position in its sequence, the label it got and that label's probability
+    (read in `tokens`, for `return_tokens` only)."""
 
     entities: list[list[dict[str, Any]]]
     bounds: np.ndarray  # [S + 1]: sequence i's tokens are rows bounds[i]:bounds[i + 1] below
     token_index: np.ndarray
-    token_labels: np.ndarray
-    token_scores: np.ndarray
+    probs: np.ndarray  # [n, labels] per token
+    unit_of: np.ndarray  # [n] each token's unit (itself, or its word)
+    labels: np.ndarray  # [units] the label each unit got
+    scored: np.ndarray  # [units] the label whose probability is its score
 
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sequence i's non-special tokens: positions, labels, scores."""
-        at = slice(self.bounds[i], self.bounds[i + 1])
-        return self.token_index[at], self.token_labels[at], self.token_scores[at]
+        a, b = int(self.bounds[i]), int(self.bounds[i + 1])
+        units = self.unit_of[a:b]
+        return (self.token_index[a:b], self.labels[units],
+                self.probs[np.arange(a, b), self.scored[units]])
 
 
 def row_max(x: np.ndarray) -> np.ndarray:
@@ -137,9 +142,9 @@ def row_max(x: np.ndarray) -> np.ndarray:
 def row_argmax(x: np.ndarray) -> np.ndarray:
     """`x.argmax(axis=1)` (the first of equal maxima), column by column as `row_max`."""
     if x.dtype == np.float32 and 0 < x.shape[1] <= 64 and len(x):
-        labels = _positive_argmax(x)
-        if labels is not None:
-            return labels
+        top = _positive_top(x)
+        if top is not None:
+            return top[0]
     top = row_max(x)
     if not 0 < x.shape[1] <= 64 or np.isnan(top).any():  # argmax's NaN rule: numpy's
         return x.argmax(axis=1)
@@ -148,6 +153,17 @@ def row_argmax(x: np.ndarray) -> np.ndarray:
         np.copyto(labels, j, where=x[:, j] == top)
     np.copyto(labels, 0, where=x[:, 0] == top)
     return labels
+
+
+def row_top(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`row_argmax(x)` and each row's value there, `x[i, argmax]` (for probabilities, taken
+    from the same max that finds the argmax: no gather)."""
+    if x.dtype == np.float32 and 0 < x.shape[1] <= 64 and len(x):
+        top = _positive_top(x)
+        if top is not None:
+            return top
+    labels = row_argmax(x)
+    return labels, x[np.arange(len(x)), labels]
 
 
 def _pairwise_sum(columns: list[np.ndarray]) -> np.ndarray:
@@ -186,10 +202,11 @@ def _pairwise_matches(width: int) -> bool:
     return bool(np.array_equal(_pairwise_sum(list(columns)), rows.sum(axis=-1)))
 
 
-def _positive_argmax(x: np.ndarray) -> np.ndarray | None:
-    """`row_argmax` of float32 rows whose maxima are positive and finite (probabilities), else
+def _positive_top(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """`row_top` of float32 rows whose maxima are positive and finite (probabilities), else
     None: one max over int64 keys, a value's bits above its column's reversed index (positive
-    floats order as their bits; equal maxima keep the first column)."""
+    floats order as their bits; equal maxima keep the first column); the maximum's bits are
+    the value."""
     width = x.shape[1]
     keys = x.T.view(np.int32).astype(np.int64, order="C")
     keys <<= 6
@@ -198,7 +215,7 @@ def _positive_argmax(x: np.ndarray) -> np.ndarray | None:
     bits = best >> 6
     if not ((bits > 0) & (bits <= 0x7F800000)).all():
         return None
-    return 63 - (best & 63)
+    return 63 - (best & 63), bits.astype(np.int32).view(np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -323,8 +340,8 @@ class Aggregator:
         n = len(table)
         if n == 0:
             none = np.zeros(0, np.int64)
-            return Tagged([[] for _ in seqs.texts], table.bounds, none, none,
-                          np.zeros(0, np.float32))
+            return Tagged([[] for _ in seqs.texts], table.bounds, none, table.probs, none,
+                          none, none)
         # Units: tokens, or words for first/average/max.
         opens = (table.seq_first | ~self._is_subword(table) if self.by_word
                  else np.ones(n, dtype=bool))
@@ -332,8 +349,7 @@ class Aggregator:
         unit_of = np.cumsum(opens) - 1
         unit_probs = self._word_probs(table.probs, starts, unit_of) if self.by_word \
             else table.probs
-        scored = self._decide(unit_probs, table.seq_first[starts])
-        scores = unit_probs[np.arange(len(starts)), scored]
+        scored, scores = self._decide(unit_probs, table.seq_first[starts])
         # BIO repair renames labels (I-X -> B-X) but keeps the model's score for them.
         labels = (self.scheme.repair(scored, table.seq_first[starts]) if self.bio == "repair"
                   else scored)
@@ -342,8 +358,7 @@ class Aggregator:
             entities = self._token_entities(table, labels, scores)
         else:
             entities = self._group_entities(table, labels, scores, starts, ends, opens)
-        return Tagged(entities, table.bounds, table.index, labels[unit_of],
-                      table.probs[np.arange(n), scored[unit_of]])
+        return Tagged(entities, table.bounds, table.index, table.probs, unit_of, labels, scored)
 
     def _is_subword(self, table: _Table) -> np.ndarray:
         ids, start = table.ids, table.offsets[:, 0]
@@ -379,13 +394,15 @@ class Aggregator:
         candidates = np.where(top == best[unit_of], np.arange(len(probs)), len(probs))
         return take_rows(probs, np.minimum.reduceat(candidates, starts))
 
-    def _decide(self, probs: np.ndarray, opens: np.ndarray) -> np.ndarray:
-        """Each unit's label: the argmax, or the best valid BIO path of its sequence."""
+    def _decide(self, probs: np.ndarray, opens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each unit's label, the argmax or the best valid BIO path of its sequence, and that
+        label's probability."""
         if self.bio != "viterbi":
-            return row_argmax(probs)
+            return row_top(probs)
         bounds = np.append(np.flatnonzero(opens), len(probs))
-        return np.concatenate([self.scheme.viterbi(probs[a:b])
-                               for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        labels = np.concatenate([self.scheme.viterbi(probs[a:b])
+                                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return labels, probs[np.arange(len(probs)), labels]
 
     def _passes(self, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         keep = self.kept[labels]
