@@ -192,6 +192,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from tagserve.engine.async_engine import AsyncEngine
     from tagserve.server.app import build_app
+    from tagserve.server.process_setup import freeze_heap
 
     logging.basicConfig(level=logging.DEBUG if args.log_level == "trace"
                         else args.log_level.upper(),
@@ -211,6 +212,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         app = build_app(engine, settings)
+        freeze_heap()
         logger.info("Serving %s as %s on http://%s:%d (API key %s)", engine.model_config.model,
                     settings.served_model_names, args.host, args.port,
                     "required" if settings.api_keys else "not required")

@@ -26,7 +26,7 @@ from tagserve.engine.factory import EngineArgs
 from tagserve.engine.inputs import TokenizedPrompt
 from tagserve.errors import ModelLoadError, ValidationError
 from tagserve.server.metrics import EngineMetrics
-from tagserve.server.process_setup import child_setup, new_event_loop
+from tagserve.server.process_setup import child_setup, freeze_heap, new_event_loop
 
 logger = logging.getLogger("tagserve.engine_process")
 
@@ -150,6 +150,7 @@ def run_engine_process(args: EngineArgs, socket_path: str, ready: Connection, lo
         ready.send(("error", str(exc)))
         sys.exit(1)
     EngineMetrics(engine, registry=None)  # its samples go to PROMETHEUS_MULTIPROC_DIR
+    freeze_heap()
     try:
         with new_event_loop() as loop:
             code = loop.run_until_complete(EngineService(engine).serve(socket_path, ready))

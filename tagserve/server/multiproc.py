@@ -33,7 +33,7 @@ from types import FrameType
 from tagserve.config import ModelConfig
 from tagserve.engine.factory import EngineArgs
 from tagserve.server.engine_process import run_engine_process
-from tagserve.server.process_setup import child_setup
+from tagserve.server.process_setup import child_setup, freeze_heap
 from tagserve.server.settings import ServerSettings
 
 logger = logging.getLogger("tagserve")
@@ -202,4 +202,5 @@ def run_api_process(index: int, sock: socket.socket, socket_path: str,
         server.should_exit = True
 
     client.on_lost = engine_lost
+    freeze_heap()
     server.run(sockets=[sock])
