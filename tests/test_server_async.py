@@ -200,10 +200,10 @@ def test_caller_gone_before_its_prompts_are_queued(engine):
             await call
         release.set()
         await asyncio.sleep(0.2)
-        assert engine.num_waiting == 0 and not engine._pending
+        assert engine.num_waiting == 0 and not engine._calls
         engine._tokenize = tokenize
         outputs, tokens = await engine.encode_prompts(["a b", "c"], TokenizeParams(512), params)
-        assert [len(o) for o in outputs] == [4, 3] and tokens == 7 and not engine._pending
+        assert [len(o) for o in outputs] == [4, 3] and tokens == 7 and not engine._calls
 
     asyncio.run(scenario())
 

@@ -15,11 +15,12 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from tagserve.config import ModelConfig
@@ -55,20 +56,22 @@ class ModelExecutionError(RuntimeError):
     """The model raised while running this request (a server fault, not bad input)."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class _Pending:
     """One call waiting on the engine: a single future for all of its prompts, so that the
     hand-back costs one wake-up per call, not one per prompt. Its requests may be queued from
-    a tokenizer thread; `lock` orders that against the caller's cancellation."""
+    a tokenizer thread; `lock` orders that against the caller's cancellation. The engine
+    thread fills `results` (`take`) and hands the call to its loop once all are in."""
 
     future: asyncio.Future[list[torch.Tensor]]
     requests: list[Request] = field(default_factory=list)
     results: list[torch.Tensor | None] = field(default_factory=list)
     remaining: int = 0
+    error: BaseException | None = None
     cancelled: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def take(self, requests: list[Request]) -> None:
+    def own(self, requests: list[Request]) -> None:
         """Own `requests` (any thread, holding `lock`)."""
         self.requests = requests
         self.results = [None] * len(requests)
@@ -81,18 +84,26 @@ class _Pending:
             for request in self.requests:
                 request.cancelled = True
 
-    def deliver(self, request: Request) -> None:
-        """On the event loop: store one finished request; resolve when all are in."""
-        if self.future.done():
-            return
+    def take(self, request: Request) -> bool:
+        """On the engine thread: store one finished request; True when the call is now
+        ready to resolve (all results in, or its first failure)."""
         if request.error is not None:
-            logger.error("The model failed on a request: %r", request.error)
-            self.future.set_exception(ModelExecutionError(
-                f"The model failed on this request ({type(request.error).__name__})"))
-            return
+            first = self.error is None
+            self.error = self.error or request.error
+            return first
         self.results[request.arrival_index] = request.result
         self.remaining -= 1
-        if not self.remaining:
+        return not self.remaining and self.error is None
+
+    def resolve(self) -> None:
+        """On the event loop: the results, or the model's failure, to the caller."""
+        if self.future.done():
+            return
+        if self.error is not None:
+            logger.error("The model failed on a request: %r", self.error)
+            self.future.set_exception(ModelExecutionError(
+                f"The model failed on this request ({type(self.error).__name__})"))
+        else:
             self.future.set_result(self.results)
 
 
@@ -101,7 +112,7 @@ class AsyncEngine:
         self.engine = engine
         self._pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tagserve-tok")
         self.inline_tokenize_size = INLINE_TOKENIZE_SIZE
-        self._pending: dict[str, _Pending] = {}  # request id -> its encode call
+        self._calls: set[_Pending] = set()  # calls queued and not yet answered
         self._ids = itertools.count()
         self._listeners: list[BatchListener] = []
         self._wakeup = threading.Event()
@@ -154,9 +165,14 @@ class AsyncEngine:
 
         If the caller is cancelled (client gone) or one prompt fails, the remaining prompts
         are dropped from the queue."""
+        return await self.encode_ids([p.token_ids for p in prompts], params)
+
+    async def encode_ids(self, token_ids: Sequence[Sequence[int] | np.ndarray],
+                         params: PoolingParams) -> list[torch.Tensor]:
+        """`encode` of prompts given as their token ids (int64 arrays are used as they are)."""
         self._check_alive()
         pending = _Pending(asyncio.get_running_loop().create_future())
-        self._queue(pending, self._requests(prompts, params))
+        self._queue(pending, self._requests(token_ids, params, pending))
         return await self._wait(pending)
 
     async def encode_prompts(self, prompts: list[Prompt], tokenize_params: TokenizeParams,
@@ -171,8 +187,9 @@ class AsyncEngine:
 
         def tokenize_and_queue() -> None:
             try:
-                self._queue(pending, self._requests(self._tokenize(prompts, tokenize_params),
-                                                    params))
+                tokenized = self._tokenize(prompts, tokenize_params)
+                self._queue(pending, self._requests([p.token_ids for p in tokenized], params,
+                                                    pending))
             except BaseException as exc:  # noqa: BLE001 - raised in the caller
                 loop.call_soon_threadsafe(_set_exception, pending.future, exc)
 
@@ -187,9 +204,10 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineDeadError("The engine has stopped; restart the server.")
 
-    def _requests(self, prompts: list[TokenizedPrompt], params: PoolingParams) -> list[Request]:
-        requests = [Request(str(next(self._ids)), p.token_ids, params, p.offsets, i)
-                    for i, p in enumerate(prompts)]
+    def _requests(self, token_ids: Sequence[Sequence[int] | np.ndarray], params: PoolingParams,
+                  call: _Pending) -> list[Request]:
+        requests = [Request(str(next(self._ids)), ids, params, arrival_index=i, call=call)
+                    for i, ids in enumerate(token_ids)]
         # Similar lengths side by side: fewer attention groups, same results.
         requests.sort(key=lambda r: r.num_tokens)
         return requests
@@ -203,8 +221,8 @@ class AsyncEngine:
         with pending.lock:  # registered before a cancellation, or not at all
             if pending.cancelled:
                 return
-            pending.take(requests)
-            self._pending.update((r.request_id, pending) for r in requests)
+            pending.own(requests)
+            self._calls.add(pending)
         try:
             self.engine.scheduler.add_all(requests)
             self._wakeup.set()
@@ -225,8 +243,7 @@ class AsyncEngine:
             self._forget(pending)
 
     def _forget(self, pending: _Pending) -> None:
-        for request in pending.requests:
-            self._pending.pop(request.request_id, None)
+        self._calls.discard(pending)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -279,27 +296,28 @@ class AsyncEngine:
                 logger.exception("Batch listener %r failed", listener)
 
     def _deliver(self, requests: list[Request]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, Request]]] = {}
+        """Results into their calls; each call that is now complete (or failed) goes back to
+        its event loop, one wake-up per loop."""
+        ready: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         for request in requests:
-            pending = self._pending.get(request.request_id)
-            if pending is not None and not request.cancelled:
-                by_loop.setdefault(pending.future.get_loop(), []).append((pending, request))
-        for loop, batch in by_loop.items():
+            call = request.call
+            if not request.cancelled and call.take(request):
+                ready.setdefault(call.future.get_loop(), []).append(call)
+        for loop, calls in ready.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_resolve, batch)
+                loop.call_soon_threadsafe(_resolve, calls)
 
     def _fail_all(self, exc: BaseException) -> None:
         error = EngineDeadError(f"The engine has stopped: {type(exc).__name__}")
-        for future in {p.future for p in list(self._pending.values())}:
+        for future in {p.future for p in list(self._calls)}:
             loop = future.get_loop()
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_set_exception, future, error)
 
 
-def _resolve(batch: list[tuple[_Pending, Request]]) -> None:
-    """On the event loop: hand each finished request to its `encode` call."""
-    for pending, request in batch:
-        pending.deliver(request)
+def _resolve(calls: list[_Pending]) -> None:
+    for call in calls:
+        call.resolve()
 
 
 def _set_exception(future: asyncio.Future, exc: BaseException) -> None:

@@ -146,11 +146,13 @@ def encode_results(results: Sequence[tuple[int, Sequence[torch.Tensor]]],
     for i, (call_id, tensors) in enumerate(results):
         meta[i] = (call_id, len(tensors), 0)
         for tensor in tensors:
-            if tensor.ndim not in (1, 2):
-                raise ValueError(f"cannot send a result of {tensor.ndim} dimensions")
-            shapes.append((tensor.ndim, tensor.shape[0],
-                           tensor.shape[1] if tensor.ndim == 2 else 1, 0))
-            flat.append(tensor.reshape(-1))
+            shape = tensor.shape
+            if len(shape) not in (1, 2):
+                raise ValueError(f"cannot send a result of {len(shape)} dimensions")
+            shapes.append((len(shape), shape[0], shape[1] if len(shape) == 2 else 1, 0))
+        flat += tensors
+    if len({(ndim, cols) for ndim, _, cols, _ in shapes}) > 1:  # mixed: concatenate flat
+        flat = [tensor.reshape(-1) for tensor in flat]
     rows = torch.cat(flat).to("cpu", torch.float32).numpy() if flat else np.empty(0, np.float32)
     seqs = np.array(shapes, dtype="<u4").reshape(-1, 4)
     header = _HEADER.pack(RESULTS, len(results), len(shapes), num_waiting)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ class Request:
     # The ids as an int64 array (made from `token_ids` unless given, e.g. a view of a
     # `PromptChunk`'s array), so that packing a batch is one concatenation.
     ids: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    call: Any = field(default=None, repr=False)  # the `AsyncEngine` call waiting for it
     num_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 and its stepping thread) behind a Unix socket that the N API processes connect to.
 
 Each API process sends encode calls (token ids and pooling parameters, `engine/ipc.py`); every
-call becomes one `AsyncEngine.encode`, so batching, cancellation, the queue limit and failure
+call becomes one `AsyncEngine.encode_ids`, so batching, cancellation, the queue limit and failure
 isolation are the single-process server's. Answers finished in the same turn of the event loop
 go back to a connection as one frame. A connection that closes cancels its calls. When the
 engine thread dies, this process exits, and the API processes fail their requests and stop.
@@ -23,7 +23,6 @@ import torch
 from tagserve.engine import ipc
 from tagserve.engine.async_engine import AsyncEngine, EngineDeadError
 from tagserve.engine.factory import EngineArgs
-from tagserve.engine.inputs import TokenizedPrompt
 from tagserve.errors import ModelLoadError, ValidationError
 from tagserve.server.metrics import EngineMetrics
 from tagserve.server.process_setup import child_setup, freeze_heap, new_event_loop
@@ -60,9 +59,8 @@ class _Connection:
                 self.protocol.transport.close()
 
     async def run(self, call: ipc.Call) -> None:
-        prompts = [TokenizedPrompt(ids, None, None) for ids in call.token_ids]
         try:
-            rows = await self.service.engine.encode(prompts, call.params)
+            rows = await self.service.engine.encode_ids(call.token_ids, call.params)
             self.outbox.put(0, (call.id, rows))
         except asyncio.CancelledError:
             return  # the client has gone; nobody waits for an answer
