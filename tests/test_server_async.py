@@ -12,10 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
+from tagserve.config import SchedulerConfig
 from tagserve.engine.async_engine import AsyncEngine
 from tagserve.engine.factory import EngineArgs
 from tagserve.engine.inputs import TokenizeParams
 from tagserve.engine.request import Request
+from tagserve.engine.scheduler import Scheduler
 from tagserve.params import PoolingParams
 from tagserve.server.app import build_app
 from tagserve.server.settings import ServerSettings
@@ -228,3 +230,25 @@ def test_small_calls_tokenize_on_the_event_loop_large_ones_in_a_thread(engine):
     asyncio.run(scenario())
     assert threads[0] == threading.main_thread().name
     assert threads[1].startswith("tagserve-tok")
+
+
+def test_a_batch_ends_before_a_call_it_cannot_hold():
+    """Calls of 3 prompts x 4 tokens under a 20-token budget: batches of whole calls, FCFS;
+    a call larger than the budget is still split, and prompts without a call fill up."""
+    def call(n: int, tokens: int = 4) -> list[Request]:
+        owner = object()
+        return [Request(str(i), [1] * tokens, PoolingParams(), arrival_index=i, call=owner)
+                for i in range(n)]
+
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=20, max_num_seqs=64))
+    a, b, c, big = call(3), call(3), call(3), call(8)
+    loose = [Request("x", [1] * 4, PoolingParams()) for _ in range(6)]
+    for requests in (a, b, c, big, loose):
+        scheduler.add_all(requests)
+    assert scheduler.schedule() == a
+    assert scheduler.schedule() == b
+    assert scheduler.schedule() == c
+    assert scheduler.schedule() == big[:5]
+    assert scheduler.schedule() == big[5:] + loose[:2]
+    assert scheduler.schedule() == loose[2:]
+    assert scheduler.waiting_tokens == 0

@@ -12,7 +12,10 @@ from tagserve.errors import QueueFullError
 
 class Scheduler:
     """First come, first served; a batch holds at most `max_num_batched_tokens` tokens and
-    `max_num_seqs` sequences (a single request longer than the budget runs alone).
+    `max_num_seqs` sequences (a single request longer than the budget runs alone). A batch
+    that would end inside a call (requests of one `Request.call`) ends before it instead,
+    unless that call is all the batch holds: the call's answer waits for its last request, and
+    a few requests left behind ran as a batch of their own whenever the queue was short.
 
     Thread-safe: the server adds from its event loop while the engine thread schedules.
     Cancelled requests are dropped instead of scheduled."""
@@ -61,5 +64,15 @@ class Scheduler:
                     break
                 batch.append(waiting.popleft())
                 tokens += n
+            call = batch[-1].call if batch else None
+            if call is not None and waiting and waiting[0].call is call:
+                keep = len(batch)
+                while keep and batch[keep - 1].call is call:
+                    keep -= 1
+                if keep:
+                    for request in reversed(batch[keep:]):
+                        waiting.appendleft(request)
+                        tokens -= request.num_tokens
+                    del batch[keep:]
             self.waiting_tokens -= tokens
         return batch
