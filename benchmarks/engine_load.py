@@ -85,11 +85,15 @@ class ThreadProfile:
         self.on = False
         self._enabled = False
 
+    def sync(self) -> None:
+        """On the profiled thread: follow `on`."""
+        if self.on != self._enabled:
+            self._enabled = self.on
+            (self.profile.enable if self.on else self.profile.disable)()
+
     def follow(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if self.on != self._enabled:
-                self._enabled = self.on
-                (self.profile.enable if self.on else self.profile.disable)()
+            self.sync()
             return fn(*args, **kwargs)
         return wrapped
 
@@ -136,7 +140,7 @@ def client_main(socket_path: str, calls: list[list[list[int]]], callers: int, wi
         client = EngineClient(socket_path, None, None)  # type: ignore[arg-type]
         await client.connect()
         freeze_heap(process_setup)
-        params = PoolingParams()
+        params = PoolingParams(use_activation=True)  # as /pooling verifies them
 
         def encode(prompts: list[list[int]]) -> Any:
             return client.encode([TokenizedPrompt(ids, None, None) for ids in prompts], params)
@@ -190,7 +194,7 @@ async def windows_engine(engine: Any, calls: list[list[list[int]]], args: argpar
     from tagserve.engine.inputs import TokenizedPrompt
     from tagserve.params import PoolingParams
 
-    params = PoolingParams()
+    params = PoolingParams(use_activation=True)  # as /pooling verifies them
 
     def encode(prompts: list[list[int]]) -> Any:
         return engine.encode([TokenizedPrompt(ids, None, None) for ids in prompts], params)
@@ -255,10 +259,11 @@ def main() -> int:
 
     def window(kind: str, latencies: list[float] | None = None, client_cpu: float = 0.0) -> None:
         """Called at the start and end of each timed window, on the event loop."""
+        for profile in profiles.values():
+            profile.on = kind == "start"
         if kind == "start":
-            for profile in profiles.values():
-                profile.on = True
-            profiles and profiles["loop"].profile.enable()
+            if profiles:
+                profiles["loop"].sync()
             if gpu is not None:
                 gpu.reset()
             mark.update(cpu=thread_cpu(), wall=time.perf_counter())
@@ -266,9 +271,7 @@ def main() -> int:
         wall = time.perf_counter() - mark["wall"]
         cpu = {k: v - mark["cpu"].get(k, 0.0) for k, v in thread_cpu().items()}
         if profiles:
-            profiles["loop"].profile.disable()
-            for profile in profiles.values():
-                profile.on = False
+            profiles["loop"].sync()
         n = len(latencies)
         per_call = {k: 1e3 * v / n for k, v in cpu.items()}
         row = {"calls_per_s": n / wall, "tokens_per_s": tokens / wall, **latency_stats(latencies),
