@@ -66,6 +66,7 @@ class _Pending:
     future: asyncio.Future[list[torch.Tensor]]
     requests: list[Request] = field(default_factory=list)
     results: list[torch.Tensor | None] = field(default_factory=list)
+    num_tokens: int = 0
     remaining: int = 0
     error: BaseException | None = None
     cancelled: bool = False
@@ -75,6 +76,7 @@ class _Pending:
         """Own `requests` (any thread, holding `lock`)."""
         self.requests = requests
         self.results = [None] * len(requests)
+        self.num_tokens = sum(r.num_tokens for r in requests)
         self.remaining = len(requests)
 
     def cancel(self) -> None:
@@ -198,7 +200,7 @@ class AsyncEngine:
         else:
             self._pool.submit(tokenize_and_queue)
         results = await self._wait(pending)
-        return results, sum(r.num_tokens for r in pending.requests)
+        return results, pending.num_tokens
 
     def _check_alive(self) -> None:
         if not self.is_alive:
@@ -243,7 +245,10 @@ class AsyncEngine:
             self._forget(pending)
 
     def _forget(self, pending: _Pending) -> None:
+        """The call is answered or given up: unregister it, and let go of its requests (each
+        points back at it; without this every call would wait for the cycle collector)."""
         self._calls.discard(pending)
+        pending.requests = []
 
     def shutdown(self) -> None:
         self._stopping = True
