@@ -28,6 +28,7 @@ import asyncio
 import cProfile
 import json
 import multiprocessing as mp
+import os
 import pstats
 import sys
 import tempfile
@@ -68,10 +69,16 @@ def parse_args() -> argparse.Namespace:
 def thread_cpu() -> dict[str, float]:
     """CPU seconds so far of this process's Python threads by name (the main thread is
     "loop"), and "others" for the rest of the process (torch's threads and the like)."""
+    from serve_load import cpu_seconds
+
     out: dict[str, float] = {}
     for t in threading.enumerate():
         name = "loop" if t is threading.main_thread() else t.name
-        out[name] = out.get(name, 0.0) + time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        try:
+            seconds = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except OSError:  # no per-thread CPU clocks: the kernel's counts in ticks
+            seconds = cpu_seconds(os.getpid(), t.native_id)
+        out[name] = out.get(name, 0.0) + seconds
     out["others"] = time.process_time() - sum(out.values())
     return out
 
