@@ -73,7 +73,7 @@ def main() -> int:
     p.add_argument("--corpus", default="mixed", choices=("mixed", "short50"))
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1])
     p.add_argument("--tokenize-only-workers", nargs="*", type=int, default=[],
-                   help="also these worker counts with LLM(ner_tokenize_only=True): workers "
+                   help="also these worker counts in the default mode (ner_tokenize_only): workers "
                         "only cut the inputs, entities are built in this process")
     p.add_argument("--strategies", nargs="+", default=["simple"])
     p.add_argument("--entity-share", type=float, default=0.085,

@@ -3,9 +3,9 @@
 On the same texts it times `LLM.encode(texts)` (tokenize, model, per-token rows out), then
 `LLM.ner(texts)` and `tagserve ner --input IN.jsonl --output OUT.jsonl` (`tag_corpus`), each
 with tokenization and entities in this process (0 workers) and in N worker processes
-(`LLM(ner_workers=N)`, `--workers N`; pools are started before timing), and optionally with
-workers that only tokenize (`LLM(ner_workers=N, ner_tokenize_only=True)`,
-`--tokenize-only-workers N`). The post-processing
+(`LLM(ner_workers=N, ner_tokenize_only=False)`, `--workers N`; pools are started before
+timing), and optionally with workers that only tokenize (`LLM(ner_workers=N)`, the default
+mode, `--tokenize-only-workers N`). The post-processing
 share is `ner s / encode s - 1`; "extra us/entity" is `(ner s - encode s) / entities`, "extra
 main CPU" the same in this process's CPU time (all its threads, not the workers). "finish" is
 the in-process `Recognizer.finish` time. A second table splits this process's CPU per text in
@@ -62,9 +62,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stride", type=int, help="window overlap for long documents")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["simple", "first"])
     p.add_argument("--workers", nargs="+", type=int, default=[0, 4],
-                   help="post-processing worker processes to compare (0: in process)")
+                   help="worker processes that tokenize and build entities "
+                        "(ner_tokenize_only=False) to compare (0: in process)")
     p.add_argument("--tokenize-only-workers", nargs="*", type=int, default=[],
-                   help="also these worker counts with LLM(ner_tokenize_only=True): workers "
+                   help="also these worker counts in the default mode (ner_tokenize_only): workers "
                         "only cut the inputs, entities are built in this process")
     p.add_argument("--entity-shares", nargs="+", default=["probe", "0.085"],
                    help='share of tokens tagged as entities: "probe" as the benchmark '

@@ -56,7 +56,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  load_format: str = "auto", revision: str | None = None,
                  skip_tokenizer_init: bool = False, enforce_eager: bool = False,
-                 ner_workers: int = 0, ner_tokenize_only: bool = False,
+                 ner_workers: int = 0, ner_tokenize_only: bool = True,
                  **kwargs: Any) -> None:
         self.llm_engine: LLMEngine = create_engine(EngineArgs(
             model=model, tokenizer=tokenizer, runner=runner, convert=convert, dtype=dtype,
@@ -67,7 +67,8 @@ class LLM:
             enforce_eager=enforce_eager, extra=kwargs))
         self._request_counter = itertools.count()
         self.ner_workers = ner_workers  # `ner`'s post-processing processes (0: in this one)
-        self.ner_tokenize_only = ner_tokenize_only  # workers only cut, entities built here
+        # Workers only tokenize and cut the inputs, entities are built here (False: both there)
+        self.ner_tokenize_only = ner_tokenize_only
         self._ner_pool: NerPool | None = None
 
     @property
@@ -154,9 +155,9 @@ class LLM:
             postprocess_workers: int | None = None) -> NerResult | list[NerResult]:
         """Entities per input, as transformers' token-classification pipeline returns them
         (one list for one input, a list of lists for a list); see README "Entities (NER)".
-        `postprocess_workers`: processes that build the entities beside the engine (default:
-        the LLM's `ner_workers`; 0: this process; other counts start a pool for this call);
-        with the LLM's `ner_tokenize_only` they only tokenize and cut the inputs."""
+        `postprocess_workers`: processes that tokenize and cut the inputs beside the engine
+        (default: the LLM's `ner_workers`; 0: this process; other counts start a pool for
+        this call); with the LLM's `ner_tokenize_only=False` they build the entities too."""
         self._check_task("token_classify")
         options = NerOptions.create(
             aggregation_strategy=aggregation_strategy, ignore_labels=ignore_labels,

@@ -88,11 +88,11 @@ def test_with_workers_the_engine_thread_takes_the_cuts(bert, pool, monkeypatch):
 
     monkeypatch.setattr(CutInWorkers, "result", result)
     monkeypatch.setattr(documents, "prompt_chunks", lambda engine, n: growing_chunks(n))
-    bert.ner_workers = 2
+    bert.ner_workers, bert.ner_tokenize_only = 2, False  # workers that build entities
     bert._ner_pool = pool
     try:
         ours = bert.ner(TEXTS, use_tqdm=False)
     finally:
-        bert.ner_workers, bert._ner_pool = 0, None
+        bert.ner_workers, bert.ner_tokenize_only, bert._ner_pool = 0, True, None
     assert taken == [threading.current_thread().name] * 3
     assert ours == bert.ner(TEXTS, use_tqdm=False)
