@@ -143,12 +143,20 @@ class Values:
 
     def last(self, locale: str) -> str:
         fake, roman = self._name_faker(locale)
-        return fake.last_romanized_name() if roman else fake.last_name()
+        return self.last_name(fake.last_romanized_name() if roman else fake.last_name())
+
+    def last_name(self, last: str) -> str:
+        """Training only: 8% of last names are everyday words or start with one ("Doe",
+        "Young", "May"; ``EVERYDAY_SURNAMES``), so that the context decides; the held-out
+        stream draws nothing here."""
+        if self.train and self.rng.random() < 0.08:
+            return self.rng.choice(T.EVERYDAY_SURNAMES)
+        return last
 
     def person(self, locale: str) -> str:
         fake, roman = self._name_faker(locale)
         first = fake.first_romanized_name() if roman else fake.first_name()
-        last = fake.last_romanized_name() if roman else fake.last_name()
+        last = self.last_name(fake.last_romanized_name() if roman else fake.last_name())
         r = self.rng.random()
         if r < 0.08:
             return f"{first} {self.rng.choice(string.ascii_uppercase)}. {last}"

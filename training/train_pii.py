@@ -4,10 +4,11 @@
 
 1. Generate a synthetic corpus (``data.Generator``, train templates, seed S) and a held-out set
    (held-out templates, seed S + 1).
-2. Train a cased WordPiece tokenizer on the training texts, then fill the vocabulary up to
-   ``--max-vocab`` entries with whole words: the most frequent words of each language
-   (``wordfreq``) and of the training names, places and organisations, those seen most often in
-   the training texts first (digits are merged into pieces unless ``--split-digits``).
+2. Train a cased WordPiece tokenizer on the training texts, add the capitalised form of the
+   most frequent words of each language (``wordfreq``, ``--reserved-words``) as whole entries,
+   then fill the vocabulary up to ``--max-vocab`` entries with whole words: the most frequent
+   words of each language and of the training names, places and organisations, those seen most
+   often in the training texts first (digits are merged into pieces unless ``--split-digits``).
 3. Train a BertForTokenClassification from scratch with a plain PyTorch loop (AdamW, linear
    warmup and decay, length-bucketed batches, bf16 autocast). Every subword is labelled (B- on an
    entity's first token, I- on the rest); [CLS]/[SEP] are O, padding is -100.
@@ -63,14 +64,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--common-words", type=int, default=3000,
                    help="candidate whole entries: each language's N most frequent words "
                         "(wordfreq), lower-case and capitalised")
+    p.add_argument("--reserved-words", type=int, default=1500,
+                   help="guaranteed whole entries, before the fill by use in training: the "
+                        "capitalised form of each language's N most frequent words (wordfreq; "
+                        "names in news text such as Merkel, Macron, Obama stay whole)")
     p.add_argument("--entity-words", type=int, default=20_000,
                    help="candidate whole entries: the N most frequent words of training names, "
                         "places and organisations (names split into pieces got different tags "
                         "per piece)")
     p.add_argument("--max-vocab", type=int, default=25_900,
-                   help="vocabulary size: the --vocab-size trained pieces, then the candidate "
-                        "words seen most often in the training texts (the embedding table is "
-                        "most of the model's size; words seen rarely would stay untrained)")
+                   help="vocabulary size: the --vocab-size trained pieces, the "
+                        "--reserved-words, then the candidate words seen most often in the "
+                        "training texts (the embedding table is most of the model's size; words "
+                        "seen rarely would stay untrained)")
     p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=False,
                    help="one token per digit (numbers are not merged into vocabulary pieces)")
     p.add_argument("--tokenizer", type=Path, default=None,
@@ -448,6 +454,7 @@ def fill_card(card: str, metrics: dict) -> str:
         "heldout_table": per_type_table("heldout"), "natural_table": per_type_table("natural"),
         "vocab_size": args["vocab_size"], "common_words": args["common_words"],
         "entity_words": args.get("entity_words", "0"),
+        "reserved_words": args.get("reserved_words", "0"),
         "batch_size": args["batch_size"], "dropout": args["dropout"],
         "tokenizer_pieces": str(metrics["tokenizer_pieces"]),
         "digits": "one token per digit" if args["split_digits"] == "True" else "merged in pieces",
@@ -477,9 +484,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     else:
         texts = [ex.text for ex in train_set]
         tok = train_tokenizer(texts + D.common_text(), args.vocab_size, args.split_digits)
+        reserved = [w for w in D.common_words(args.reserved_words) if w[:1].isupper()]
+        added = add_words(tok, reserved, args.max_vocab - tok.get_vocab_size())
         words = D.common_words(args.common_words) + entity_words(train_set)[:args.entity_words]
-        added = add_words(tok, by_frequency(words, texts), args.max_vocab - tok.get_vocab_size())
-        print(f"tokenizer: {added} whole words added", flush=True)
+        filled = add_words(tok, by_frequency(words, texts), args.max_vocab - tok.get_vocab_size())
+        print(f"tokenizer: {added} reserved and {filled} more whole words added", flush=True)
     pad_id = tok.token_to_id("[PAD]")
     rows = encode_all(tok, train_set, args.max_len, special=D.LABEL2ID["O"])
     print(f"tokenizer: {tok.get_vocab_size()} pieces; {sum(len(r[0]) for r in rows)} train "
