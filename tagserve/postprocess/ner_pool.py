@@ -386,9 +386,9 @@ def _by_worker(cuts: Sequence[Cut]) -> dict[int, list[int]]:
     return groups
 
 
-class CutInWorkers:
-    """Inputs being cut in the workers (`NerPool.start_cut`); `result()` makes their `Cut`s
-    here, on the caller's (the engine's) thread."""
+class _InWorkers:
+    """Inputs submitted to the workers as `(worker or first input, key or end, future)`; a
+    chunk as `run_requests` takes it (`done`, `result`, `cancel`)."""
 
     def __init__(self, pool: NerPool, recognizer: Recognizer,
                  submitted: list[tuple[int, int, Future]]) -> None:
@@ -399,6 +399,15 @@ class CutInWorkers:
     def done(self) -> bool:
         return all(future.done() for _, _, future in self.submitted)
 
+    def cancel(self) -> None:
+        for _, _, future in self.submitted:
+            future.cancel()
+
+
+class CutInWorkers(_InWorkers):
+    """Inputs being cut in the workers (`NerPool.start_cut`); `result()` makes their `Cut`s
+    here, on the caller's (the engine's) thread."""
+
     def result(self) -> list[Cut]:
         cuts, truncated = [], 0
         for worker, first_key, future in self.submitted:
@@ -408,24 +417,15 @@ class CutInWorkers:
         self.recognizer.warn_truncated(truncated)
         return cuts
 
-    def cancel(self) -> None:
-        for _, _, future in self.submitted:
-            future.cancel()
 
-
-class DocumentsInWorkers:
+class DocumentsInWorkers(_InWorkers):
     """Inputs being cut in the workers (`NerPool.start_documents`); `result()` makes their
     `Document`s here, on the caller's (the engine's) thread."""
 
     def __init__(self, pool: NerPool, recognizer: Recognizer, items: list[Any],
                  submitted: list[tuple[int, int, Future]]) -> None:
-        self.pool = pool
-        self.recognizer = recognizer
+        super().__init__(pool, recognizer, submitted)
         self.items = items
-        self.submitted = submitted
-
-    def done(self) -> bool:
-        return all(future.done() for _, _, future in self.submitted)
 
     def result(self) -> list[Document]:
         docs: list[Document] = []
@@ -433,10 +433,6 @@ class DocumentsInWorkers:
             docs += self.pool.outcome(future).documents(self.items[a:b])
         self.recognizer.warn_truncated(sum(d.truncated for d in docs))
         return docs
-
-    def cancel(self) -> None:
-        for _, _, future in self.submitted:
-            future.cancel()
 
 
 class PooledFinish:
