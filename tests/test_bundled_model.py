@@ -87,3 +87,14 @@ def test_tags_person_place_and_date(llm: LLM) -> None:
 
 def test_no_entities_in_plain_text(llm: LLM) -> None:
     assert all(tag == "O" for _, tag in tagged(llm, SENTENCES[2]))
+
+
+def test_readme_first_command(llm: LLM) -> None:
+    """The README's first command: "Jane Doe" is one PERSON ("Doe" had lost its tag when "Do"
+    became an everyday-word entry), plus the e-mail, phone and date."""
+    text = "Email Jane Doe at jane.doe@example.com or call +1 415 555 0100 before 3 March 2025."
+    pairs = tagged(llm, text)
+    assert entity_text(pairs, text, "PERSON") == ["JaneDoe"]
+    assert entity_text(pairs, text, "EMAIL") == ["jane.doe@example.com"]
+    assert entity_text(pairs, text, "PHONE") == ["+14155550100"]
+    assert entity_text(pairs, text, "DATE") == ["3March2025"]
