@@ -52,7 +52,7 @@ def test_checkpoint_layout() -> None:
     assert (config.get("dtype") or config.get("torch_dtype")) in ("float16", "bfloat16")
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"):
         assert (DEFAULT_MODEL / name).is_file(), name
-    assert (DEFAULT_MODEL / "model.safetensors").stat().st_size <= 20 * 2**20
+    assert (DEFAULT_MODEL / "model.safetensors").stat().st_size < 20_000_000  # "<= 20 MB"
 
 
 def test_matches_transformers(llm: LLM) -> None:

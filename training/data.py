@@ -143,12 +143,20 @@ class Values:
 
     def last(self, locale: str) -> str:
         fake, roman = self._name_faker(locale)
-        return fake.last_romanized_name() if roman else fake.last_name()
+        return self.last_name(fake.last_romanized_name() if roman else fake.last_name())
+
+    def last_name(self, last: str) -> str:
+        """Training only: 8% of last names are everyday words or start with one ("Doe",
+        "Young", "May"; ``EVERYDAY_SURNAMES``), so that the context decides; the held-out
+        stream draws nothing here."""
+        if self.train and self.rng.random() < 0.08:
+            return self.rng.choice(T.EVERYDAY_SURNAMES)
+        return last
 
     def person(self, locale: str) -> str:
         fake, roman = self._name_faker(locale)
         first = fake.first_romanized_name() if roman else fake.first_name()
-        last = fake.last_romanized_name() if roman else fake.last_name()
+        last = self.last_name(fake.last_romanized_name() if roman else fake.last_name())
         r = self.rng.random()
         if r < 0.08:
             return f"{first} {self.rng.choice(string.ascii_uppercase)}. {last}"
@@ -444,17 +452,31 @@ def entity_words() -> frozenset[str]:
 
 @functools.cache
 def lexicon(lang: str, size: int = 8000) -> tuple[str, ...]:
-    """Common words of a language: the ``size`` most frequent words of ``wordfreq`` (English adds
-    Faker's business and job words), without words of the generator's names, places and
-    organisations (a random context word labelled O must not be a name the model has to tag)."""
-    words = set(wordfreq.top_n_list(lang, size))
+    """Common words of a language, most frequent first: the ``size`` most frequent words of
+    ``wordfreq`` (English adds Faker's business and job words), without words of the
+    generator's names, places and organisations and without international words (a random
+    context word labelled O must not be a name the model has to tag)."""
+    words = list(wordfreq.top_n_list(lang, size))
     if lang == "en":
         company = importlib.import_module("faker.providers.company.en_US").Provider
         jobs = importlib.import_module("faker.providers.job.en_US").Provider.jobs
         extra = [w for group in (*company.bsWords, *company.catch_phrase_words) for w in group]
-        words |= {w for text in (*extra, *jobs) for w in WORD_RE.findall(text)}
-    banned = entity_words()
-    return tuple(sorted(w for w in words if WORD_RE.fullmatch(w) and w.lower() not in banned))
+        words += [w for text in (*extra, *jobs) for w in WORD_RE.findall(text)]
+    banned = entity_words() | international_words()
+    return tuple(dict.fromkeys(w for w in words
+                               if WORD_RE.fullmatch(w) and w.lower() not in banned))
+
+
+@functools.cache
+def international_words(size: int = 8000, languages: int = 4) -> frozenset[str]:
+    """Words among the ``size`` most frequent of at least ``languages`` of the six languages:
+    mostly names, places and brands ("obama", "google", "london"), which must not be context
+    words labelled O (frequent everyday words are in the templates anyway)."""
+    counts: dict[str, int] = {}
+    for lang in LANG_WEIGHTS:
+        for word in wordfreq.top_n_list(lang, size):
+            counts[word] = counts.get(word, 0) + 1
+    return frozenset(w for w, n in counts.items() if n >= languages)
 
 
 def common_text(word_repeat: int = 3, template_repeat: int = 3) -> list[str]:
@@ -474,14 +496,13 @@ def common_text(word_repeat: int = 3, template_repeat: int = 3) -> list[str]:
 
 
 def common_words(per_language: int) -> list[str]:
-    """The ``per_language`` most frequent words of each language, lower-case and capitalised,
-    without the generator's names and places: whole vocabulary entries, so that everyday words
-    are single tokens instead of name-like subword pieces."""
-    banned = entity_words()
+    """The ``per_language`` most frequent words of each language, lower-case and capitalised:
+    candidate whole vocabulary entries, so that everyday words are single tokens instead of
+    name-like subword pieces. Words that are also names ("who", "room", "de") are kept: an entry
+    only decides how a word is split, not how it is labelled."""
     out: dict[str, None] = {}
     for lang in LANG_WEIGHTS:
-        top = [w for w in wordfreq.top_n_list(lang, per_language)
-               if WORD_RE.fullmatch(w) and w.lower() not in banned]
+        top = [w for w in wordfreq.top_n_list(lang, per_language) if WORD_RE.fullmatch(w)]
         out.update(dict.fromkeys(w for word in top for w in (word, word.capitalize())))
     return list(out)
 
@@ -516,6 +537,7 @@ FIELD_SLOTS: dict[str, tuple[str, ...]] = {
 }
 NAME_SLOTS: tuple[str, ...] = ("PERSON", "FIRST", "LAST", "ORG", "CITY", "COUNTRY", "REGION")
 ENTITY_SLOTS: tuple[str, ...] = tuple(name for name, (label, _) in SLOTS.items() if label)
+PLAIN_SLOTS: tuple[str, ...] = ("ORDER", "VERSION", "BIC", "AMOUNT", "TIME", "NUM")
 PLAIN_FIELDS: list[tuple[str, str]] = [("Order", "ORDER"), ("Amount", "AMOUNT"), ("Qty", "NUM"),
                                        ("Time", "TIME"), ("Ref", "ORDER"), ("Total", "AMOUNT")]
 Piece = tuple[str, "str | None"]
@@ -742,15 +764,18 @@ class Generator:
         return word
 
     def salad(self, lang: str, locale: str) -> list[Piece]:
-        """Random common words with 1-3 entity values dropped in: teaches value shapes."""
+        """Random common words with 1-3 entity values and 0-2 look-alike values that are not
+        entities (order and version numbers, BICs, amounts, times) dropped in: teaches value
+        shapes."""
         rng = self.rng
         words = [self.random_word(lang) for _ in range(rng.randint(3, 16))]
         if rng.random() < 0.7:
             words[0] = words[0].capitalize()
         pieces: list[Piece] = [(" ".join(words), None)]
-        slots = [name for name, (label, _) in SLOTS.items() if label]
-        for _ in range(rng.randint(1, 3)):
-            label, method = SLOTS[rng.choice(slots)]
+        slots = [*(rng.choice(ENTITY_SLOTS) for _ in range(rng.randint(1, 3))),
+                 *(rng.choice(PLAIN_SLOTS) for _ in range(rng.choice((0, 0, 1, 2))))]
+        for slot in slots:
+            label, method = SLOTS[slot]
             at = rng.randrange(len(pieces) + 1)
             pieces.insert(at, (getattr(self.values, method)(locale), label))
         out: list[Piece] = []

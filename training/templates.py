@@ -779,6 +779,20 @@ TRAIN_SYMBOL_SEPARATORS: list[str] = [" / ", " | ", "|", " // ", " || ", " \\ ",
 
 # Training-only material for value and layout variants (``data.Values.made_up_org``,
 # ``data.Values.long_url``, ``data.Generator.listing``, ``data.Generator.fill``).
+# Surnames that are everyday words or start with one ("Doe" = Dutch "doe", or "Do" + "##e";
+# "Young", "Rich", "May"): training-only last names (``Values.last_name``), so that a name-shaped
+# context decides, not the word. Faker's lists have few of them, and the README's first command
+# ("Email Jane Doe at ...") lost "Doe" when "Do" became a vocabulary entry.
+EVERYDAY_SURNAMES: list[str] = [
+    "Doe", "Young", "Rich", "Black", "Long", "May", "White", "Brown", "Green", "King", "Wood",
+    "Hill", "Stone", "Rose", "Bell", "Cook", "Baker", "Price", "Little", "Wise", "Best", "Short",
+    "Day", "Moore", "West", "North", "Hope", "Love", "Good", "Goodman", "Newman",
+    "Dover", "Doherty", "Dorsey", "Mayer", "Longo", "Richter", "Blackwell", "Youngs", "Hart",
+    "Strong", "Sharp", "Snow", "Frost", "Bird", "Fox", "Wolf", "Lang", "Klein", "Koch", "Fuchs",
+    "Schwarz", "Weiss", "Neumann", "Sommer", "Winter", "Vogel", "Petit", "Blanc", "Roux", "Lenoir",
+    "Lebrun", "Leblanc", "Bonnet", "Blanco", "Rubio", "Bravo", "Nieto", "Bello", "Ricci", "Monti",
+    "Conte", "Santo", "Bos", "Visser", "Bakker", "Smit", "Mulder", "Groot", "Kok", "Dam",
+]
 BRAND_STARTS: list[str] = ["Nova", "Alto", "Vita", "Blue", "Green", "North", "Sun", "Terra",
                            "Omni", "Bright", "Silver", "Red", "Aqua", "Euro", "Inter", "Medi",
                            "Agri", "Flex", "Quant", "Solar", "Hydro", "Urban", "Clear", "Smart"]

@@ -4,9 +4,11 @@
 
 1. Generate a synthetic corpus (``data.Generator``, train templates, seed S) and a held-out set
    (held-out templates, seed S + 1).
-2. Train a cased WordPiece tokenizer on the training texts and add the most frequent words of
-   each language (``wordfreq``) and the most frequent words of the training names, places and
-   organisations as whole entries (digits are merged into pieces unless ``--split-digits``).
+2. Train a cased WordPiece tokenizer on the training texts, add the capitalised form of the
+   most frequent words of each language (``wordfreq``, ``--reserved-words``) as whole entries,
+   then fill the vocabulary up to ``--max-vocab`` entries with whole words: the most frequent
+   words of each language and of the training names, places and organisations, those seen most
+   often in the training texts first (digits are merged into pieces unless ``--split-digits``).
 3. Train a BertForTokenClassification from scratch with a plain PyTorch loop (AdamW, linear
    warmup and decay, length-bucketed batches, bf16 autocast). Every subword is labelled (B- on an
    entity's first token, I- on the rest); [CLS]/[SEP] are O, padding is -100.
@@ -23,6 +25,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -47,23 +50,33 @@ except ImportError:
 
 HERE = Path(__file__).resolve().parent
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+RUN_RE = re.compile(r"[^\W\d_]+")
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=HERE.parent / "tagserve/bundled/pii-bert-small")
-    p.add_argument("--train-size", type=int, default=160_000)
+    p.add_argument("--train-size", type=int, default=150_000)
     p.add_argument("--heldout-size", type=int, default=2_000)
     p.add_argument("--natural", type=Path, default=HERE / "eval_natural.jsonl")
     p.add_argument("--vocab-size", type=int, default=8_000, help="trained WordPiece pieces")
-    p.add_argument("--common-words", type=int, default=1500,
-                   help="add each language's N most frequent words (wordfreq) to the vocabulary "
-                        "as whole entries, on top of --vocab-size trained pieces")
-    p.add_argument("--entity-words", type=int, default=6000,
-                   help="add the N most frequent words of training names, places and "
-                        "organisations that are not yet vocabulary entries as whole entries "
-                        "(names split into pieces got different tags per piece)")
+    p.add_argument("--common-words", type=int, default=3000,
+                   help="candidate whole entries: each language's N most frequent words "
+                        "(wordfreq), lower-case and capitalised")
+    p.add_argument("--reserved-words", type=int, default=1500,
+                   help="guaranteed whole entries, before the fill by use in training: the "
+                        "capitalised form of each language's N most frequent words (wordfreq; "
+                        "names in news text such as Merkel, Macron, Obama stay whole)")
+    p.add_argument("--entity-words", type=int, default=20_000,
+                   help="candidate whole entries: the N most frequent words of training names, "
+                        "places and organisations (names split into pieces got different tags "
+                        "per piece)")
+    p.add_argument("--max-vocab", type=int, default=25_900,
+                   help="vocabulary size: the --vocab-size trained pieces, the "
+                        "--reserved-words, then the candidate words seen most often in the "
+                        "training texts (the embedding table is most of the model's size; words "
+                        "seen rarely would stay untrained)")
     p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=False,
                    help="one token per digit (numbers are not merged into vocabulary pieces)")
     p.add_argument("--tokenizer", type=Path, default=None,
@@ -119,12 +132,9 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, split_digits: bool,
-                    words: Sequence[str] = ()) -> Tokenizer:
+def train_tokenizer(texts: Sequence[str], vocab_size: int, split_digits: bool) -> Tokenizer:
     """Cased BERT WordPiece: BertNormalizer(lowercase=False), BertPreTokenizer (then one token
-    per digit if ``split_digits``), [CLS] $A [SEP]. ``vocab_size`` pieces are trained on
-    ``texts``; ``words`` are then added as whole entries (WordPiece matches the longest entry
-    first, so they become single tokens)."""
+    per digit if ``split_digits``), [CLS] $A [SEP]; ``vocab_size`` pieces trained on ``texts``."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False,
                                                 clean_text=True, handle_chinese_chars=True)
@@ -137,10 +147,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, split_digits: bool,
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
                                continuing_subword_prefix="##", initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    vocab = tok.get_vocab()
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    tok.model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -160,11 +166,22 @@ def entity_words(examples: Sequence[D.Example], labels: Sequence[str] = D.NAME_T
     return [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= 2]
 
 
+def by_frequency(words: Sequence[str], texts: Sequence[str]) -> list[str]:
+    """``words`` seen as whole words (letter runs) in ``texts``, most often seen first."""
+    wanted = dict.fromkeys(words, 0)
+    for text in texts:
+        for run in RUN_RE.findall(text):
+            if run in wanted:
+                wanted[run] += 1
+    return [w for w, c in sorted(wanted.items(), key=lambda kv: -kv[1]) if c]
+
+
 def add_words(tok: Tokenizer, words: Sequence[str], limit: int) -> int:
     """Add up to ``limit`` of ``words`` that are not vocabulary entries yet as whole entries
-    (in order); returns how many were added."""
+    (in order; WordPiece matches the longest entry first, so they become single tokens);
+    returns how many were added."""
     vocab = tok.get_vocab()
-    new = [w for w in words if w not in vocab][:limit]
+    new = [w for w in words if w not in vocab][:max(0, limit)]
     for word in new:
         vocab[word] = len(vocab)
     tok.model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
@@ -402,7 +419,8 @@ def save(model: BertForTokenClassification, tok: Tokenizer, args: argparse.Names
     model.config.dtype = args.dtype
     model.save_pretrained(args.out, safe_serialization=True)
     hf_tokenizer(tok, 512).save_pretrained(args.out)
-    metrics["size_mb"] = round((args.out / "model.safetensors").stat().st_size / 2**20, 2)
+    metrics["size_bytes"] = (args.out / "model.safetensors").stat().st_size
+    metrics["size_mb"] = round(metrics["size_bytes"] / 2**20, 2)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     card = (HERE / "model_card.md").read_text()
     (args.out / "README.md").write_text(fill_card(card, metrics))
@@ -422,6 +440,7 @@ def fill_card(card: str, metrics: dict) -> str:
         "command": metrics["command"], "train_minutes": f"{metrics['train_minutes']:.1f}",
         "train_cpu_minutes": f"{metrics['train_cpu_minutes']:.1f}",
         "device": metrics["device"], "size_mb": f"{metrics['size_mb']:.1f}",
+        "size_bytes": f"{metrics['size_bytes']:,}",
         "params_m": f"{metrics['params_m']:.1f}",
         "heldout_f1": f"{metrics['heldout']['f1']:.3f}",
         "heldout_p": f"{metrics['heldout']['precision']:.3f}",
@@ -435,6 +454,7 @@ def fill_card(card: str, metrics: dict) -> str:
         "heldout_table": per_type_table("heldout"), "natural_table": per_type_table("natural"),
         "vocab_size": args["vocab_size"], "common_words": args["common_words"],
         "entity_words": args.get("entity_words", "0"),
+        "reserved_words": args.get("reserved_words", "0"),
         "batch_size": args["batch_size"], "dropout": args["dropout"],
         "tokenizer_pieces": str(metrics["tokenizer_pieces"]),
         "digits": "one token per digit" if args["split_digits"] == "True" else "merged in pieces",
@@ -462,10 +482,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if args.tokenizer:
         tok = Tokenizer.from_file(str(args.tokenizer))
     else:
-        tok = train_tokenizer([ex.text for ex in train_set] + D.common_text(), args.vocab_size,
-                              args.split_digits, D.common_words(args.common_words))
-        added = add_words(tok, entity_words(train_set), args.entity_words)
-        print(f"tokenizer: {added} whole entity words added", flush=True)
+        texts = [ex.text for ex in train_set]
+        tok = train_tokenizer(texts + D.common_text(), args.vocab_size, args.split_digits)
+        reserved = [w for w in D.common_words(args.reserved_words) if w[:1].isupper()]
+        added = add_words(tok, reserved, args.max_vocab - tok.get_vocab_size())
+        words = D.common_words(args.common_words) + entity_words(train_set)[:args.entity_words]
+        filled = add_words(tok, by_frequency(words, texts), args.max_vocab - tok.get_vocab_size())
+        print(f"tokenizer: {added} reserved and {filled} more whole words added", flush=True)
     pad_id = tok.token_to_id("[PAD]")
     rows = encode_all(tok, train_set, args.max_len, special=D.LABEL2ID["O"])
     print(f"tokenizer: {tok.get_vocab_size()} pieces; {sum(len(r[0]) for r in rows)} train "
