@@ -84,9 +84,10 @@ def run_requests(engine: LLMEngine, pending: deque[Future[T]],
                  make: Callable[[T], list[Request]] | None = None) -> list[Request]:
     """Run every request of every chunk; all requests in chunk order. A worker thread fills
     `pending` (futures of request lists, or of what `make` turns into them here, on this
-    thread); a chunk is taken when it is ready, or waited for when the engine is idle. Chunks
-    are taken only while less than a full batch waits: this thread's share stays short while
-    a batch runs, and batches stay full when a chunk holds fewer tokens than a batch.
+    thread). Chunks are taken (waited for, if not ready) while less than a full batch waits:
+    batches stay full when a chunk holds fewer tokens than a batch, this thread's share stays
+    short while a batch runs, and which prompts share a batch depends only on the chunks and
+    the budget, never on timing (the same batches, so the same results, run after run).
 
     `on_done(requests)` follows each engine step with the requests it finished (on CUDA the
     next batch is already queued on the device then, so work done there overlaps the model).
@@ -96,8 +97,7 @@ def run_requests(engine: LLMEngine, pending: deque[Future[T]],
         try:
             budget = engine.config.scheduler_config.max_num_batched_tokens
             while pending or engine.has_unfinished_requests():
-                while pending and (len(engine.scheduler) == 0 or (
-                        pending[0].done() and engine.scheduler.waiting_tokens < budget)):
+                while pending and engine.scheduler.waiting_tokens < budget:
                     made = pending.popleft().result()
                     chunk = make(made) if make is not None else made
                     results += chunk
