@@ -8,7 +8,7 @@ from torch import nn
 from tagserve.config import HFConfig
 from tagserve.layers.activation import GELU_FORMS, get_activation
 from tagserve.layers.attention import AttentionMetadata, packed_attention
-from tagserve.layers.fused import add_layer_norm, linear, linear_gelu
+from tagserve.layers.fused import add_layer_norm, embedding_layer_norm, linear, linear_gelu
 from tagserve.models.base import Backbone, WeightTarget
 
 
@@ -23,14 +23,15 @@ class BertEmbeddings(nn.Module):
             self.task_type_embeddings = nn.Embedding(config.get("task_type_vocab_size", 3), hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.get("layer_norm_eps", 1e-12))
         self.position_offset = position_offset
+        self.fused = False  # set by the loader on 16-bit CUDA and bf16 CPU (layers/fused.py)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # Single-segment inputs: token type 0 (and ERNIE task type 0) for every token.
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
-        x = x + self.position_embeddings(positions + self.position_offset)
-        if hasattr(self, "task_type_embeddings"):
-            x = x + self.task_type_embeddings.weight[0]
-        return self.LayerNorm(x)
+        task = getattr(self, "task_type_embeddings", None)
+        return embedding_layer_norm(
+            input_ids, positions + self.position_offset, self.word_embeddings.weight,
+            self.position_embeddings.weight, self.token_type_embeddings.weight[0],
+            None if task is None else task.weight[0], self.LayerNorm, self.fused)
 
 
 class BertLayer(nn.Module):

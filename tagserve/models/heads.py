@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tagserve.layers import head_kernel
 from tagserve.layers.attention import AttentionMetadata
 from tagserve.models.base import Backbone
 
@@ -14,7 +15,8 @@ class TokenClassifier(nn.Module):
 
     `head_name` is the checkpoint name of the linear head: `classifier` for native encoders,
     `score` for decoders and converted backbones. The pre-head (ModernBERT's `head`) keeps the
-    model dtype, like the backbone.
+    model dtype, like the backbone. Fused on CUDA, a float32 head reads the 16-bit hidden
+    states in one Triton kernel (`layers/head_kernel.py`) instead of upcasting them first.
     """
 
     def __init__(self, backbone: Backbone, num_labels: int, head_name: str, head_bias: bool,
@@ -24,6 +26,7 @@ class TokenClassifier(nn.Module):
         self.pre_head = pre_head
         self.head_name = head_name
         self.head = nn.Linear(backbone.hidden_size, num_labels, bias=head_bias, dtype=head_dtype)
+        self.fused = False  # set by `enable_fusion`
 
     def enable_fusion(self, enabled: bool) -> None:
         """Switch every layer that has fused kernels (layers/fused.py) on or off."""
@@ -40,4 +43,6 @@ class TokenClassifier(nn.Module):
         hidden = self.backbone(input_ids, positions, attn)
         if self.pre_head is not None:
             hidden = self.pre_head(hidden)
+        if self.fused and head_kernel.supported(hidden, self.head.weight):
+            return head_kernel.head_logits(hidden, self.head.weight, self.head.bias)
         return self.head(hidden.to(self.head.weight.dtype))
