@@ -7,7 +7,6 @@ import itertools
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from tagserve.engine.inputs import (
     prompt_text,
     tokenize_chunk,
 )
-from tagserve.engine.offline import progress_bar, prompt_chunks, run_requests
+from tagserve.engine.offline import chunk_preparer, progress_bar, prompt_chunks, run_requests
 from tagserve.engine.request import Request
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
@@ -131,9 +130,9 @@ class LLM:
             if bar is not None:
                 bar.update(len(done))
 
-        # Tokenize chunk k+1 in a thread while the engine runs chunk k.
-        with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
-            pending = deque(pool.submit(self._encode_chunk, items, tokenize, chunk)
+        # On CUDA chunk k+1 is tokenized in a thread while the engine runs chunk k.
+        with chunk_preparer(self.llm_engine) as submit:
+            pending = deque(submit(self._encode_chunk, items, tokenize, chunk)
                             for chunk in chunks)
             try:
                 run_requests(self.llm_engine, pending, finished, functools.partial(
@@ -209,7 +208,8 @@ class LLM:
         ids = [str(next(self._request_counter)) for _ in texts]
         bar = progress_bar(use_tqdm, len(texts), "Processed prompts")
         try:
-            with tokenizer_thread(lambda items: encode_windows(tokenizer, items, window, stride),
+            with tokenizer_thread(self.llm_engine,
+                                  lambda items: encode_windows(tokenizer, items, window, stride),
                                   lambda items, enc: documents_of(items, enc, stride)) as prepare:
                 docs = run_documents(
                     self.llm_engine, texts, prepare,

@@ -253,12 +253,17 @@ def test_prompt_chunks_grow_on_gpus_and_are_large_on_cpus():
     assert [len(c) for c in prompt_chunks(cpu, 5000)] == [CPU_CHUNK, CPU_CHUNK, 904]
 
 
-def test_only_the_rust_tokenizer_runs_off_the_engine_thread(bert, monkeypatch):
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_only_the_rust_tokenizer_runs_off_the_engine_thread(bert, monkeypatch, pipelined):
     """Python objects are made on the calling thread; the tokenizer thread only runs the Rust
-    encode (a second thread running Python would hold the GIL against the engine's)."""
+    encode (a second thread running Python would hold the GIL against the engine's). Without
+    a pipelined device (the CPU) the calling thread tokenizes too, each chunk when it is
+    taken, so that no tokenizer competes with the model's threads for the cores."""
     import threading
 
     import tagserve.llm as llm_module
+
+    monkeypatch.setattr(bert.llm_engine.runner, "pipelined", pipelined)
 
     threads: dict[str, set[str]] = {"encode": set(), "objects": set()}
 
@@ -276,4 +281,8 @@ def test_only_the_rust_tokenizer_runs_off_the_engine_thread(bert, monkeypatch):
     outputs = bert.encode(prompts, pooling_task="token_classify", use_tqdm=False)
     assert len(outputs) == 301 and outputs[-1].prompt_token_ids == ids
     assert threads["objects"] == {threading.current_thread().name}
-    assert threads["encode"] and all(t.startswith("tagserve-tokenize") for t in threads["encode"])
+    if pipelined:
+        assert threads["encode"] and all(t.startswith("tagserve-tokenize")
+                                         for t in threads["encode"])
+    else:
+        assert threads["encode"] == {threading.current_thread().name}

@@ -35,8 +35,8 @@ def test_in_process_the_side_thread_runs_only_the_rust_tokenizer(bert, monkeypat
     build: list[tuple[str, int]] = []
     monkeypatch.setattr(Recognizer, "encode", recording(encode, Recognizer.encode))
     monkeypatch.setattr(Recognizer, "documents", recording(build, Recognizer.documents))
-    # as on a GPU (on the CPU, chunks are large from the start)
-    monkeypatch.setattr(documents, "prompt_chunks", lambda engine, n: growing_chunks(n))
+    # as on a GPU (on the CPU, chunks are large from the start and tokenized when taken)
+    monkeypatch.setattr(bert.llm_engine.runner, "pipelined", True)
     expected = bert.ner(TEXTS[:5], use_tqdm=False)
     encode.clear()
     build.clear()

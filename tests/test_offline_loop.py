@@ -91,3 +91,29 @@ def test_cyclic_gc_paused_restores_the_collector():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_chunk_preparer_defers_chunks_without_a_pipelined_device():
+    """CPU: a chunk is prepared on the thread that takes it, once, when taken; CUDA: in a
+    thread, at once."""
+    import threading
+
+    from tagserve.engine.offline import chunk_preparer
+
+    calls: list[str] = []
+
+    def prepare(k: int) -> int:
+        calls.append(threading.current_thread().name)
+        return 2 * k
+
+    for pipelined in (False, True):
+        calls.clear()
+        engine = SimpleNamespace(runner=SimpleNamespace(pipelined=pipelined))
+        with chunk_preparer(engine) as submit:  # type: ignore[arg-type]
+            first, second = submit(prepare, 1), submit(prepare, 2)
+            assert first.result() == 2 and first.result() == 2 and first.done()
+            assert pipelined or second.cancel()
+        if pipelined:
+            assert all(name.startswith("tagserve-tokenize") for name in calls)
+        else:
+            assert calls == [threading.current_thread().name]

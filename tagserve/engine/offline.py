@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -50,6 +51,50 @@ def prompt_chunks(engine: LLMEngine, n: int) -> list[range]:
     return growing_chunks(n, CPU_CHUNK, CPU_CHUNK)
 
 
+class Pending(Protocol[T]):
+    """A chunk being prepared (what `chunk_preparer` returns): a `Future` or a `Deferred`."""
+
+    def result(self) -> T: ...
+
+    def done(self) -> bool: ...
+
+    def cancel(self) -> bool: ...
+
+
+class Deferred(Generic[T]):
+    """`fn()`, run when its result is first asked for, on the asking thread."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn: Callable[[], T] | None = fn
+        self._result: T | None = None
+
+    def result(self) -> T:
+        if self._fn is not None:
+            self._result, self._fn = self._fn(), None
+        return self._result  # type: ignore[return-value]
+
+    def done(self) -> bool:
+        return self._fn is None
+
+    def cancel(self) -> bool:
+        self._fn = None
+        return True
+
+
+@contextmanager
+def chunk_preparer(engine: LLMEngine) -> Iterator[Callable[..., Pending[Any]]]:
+    """`submit(fn, *args)` for preparing (tokenizing) an offline run's chunks. On a pipelined
+    engine (CUDA) a thread prepares them while the device runs. Otherwise (the CPU) each chunk
+    is prepared when the engine takes it, on the engine's thread: the model keeps every core
+    busy, and a tokenizer beside it (its thread and the Rust tokenizer's workers) deschedules
+    torch's OpenMP threads, whose parallel regions then wait for the slowest."""
+    if not engine.runner.pipelined:
+        yield lambda fn, *args: Deferred(functools.partial(fn, *args))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
+        yield pool.submit
+
+
 def progress_bar(use_tqdm: bool | Callable[..., tqdm], total: int, desc: str) -> tqdm | None:
     if not use_tqdm or total < TQDM_MIN_ITEMS:
         return None
@@ -79,15 +124,16 @@ def cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def run_requests(engine: LLMEngine, pending: deque[Future[T]],
+def run_requests(engine: LLMEngine, pending: deque[Pending[T]],
                  on_done: Callable[[list[Request]], None] | None = None,
                  make: Callable[[T], list[Request]] | None = None) -> list[Request]:
-    """Run every request of every chunk; all requests in chunk order. A worker thread fills
-    `pending` (futures of request lists, or of what `make` turns into them here, on this
-    thread). Chunks are taken (waited for, if not ready) while less than a full batch waits:
-    batches stay full when a chunk holds fewer tokens than a batch, this thread's share stays
-    short while a batch runs, and which prompts share a batch depends only on the chunks and
-    the budget, never on timing (the same batches, so the same results, run after run).
+    """Run every request of every chunk; all requests in chunk order. `pending` holds the
+    chunks being prepared (`chunk_preparer`): request lists, or what `make` turns into them
+    here, on this thread. Chunks are taken (waited for, if not ready) while less than a full
+    batch waits: batches stay full when a chunk holds fewer tokens than a batch, this thread's
+    share stays short while a batch runs, and which prompts share a batch depends only on the
+    chunks and the budget, never on timing (the same batches, so the same results, run after
+    run).
 
     `on_done(requests)` follows each engine step with the requests it finished (on CUDA the
     next batch is already queued on the device then, so work done there overlaps the model).

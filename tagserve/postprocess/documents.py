@@ -3,8 +3,9 @@ packed into the same batches as all others; a document is handed on once all its
 done, together with the others that completed in the same step.
 
 Only the engine's thread runs Python here: inputs are tokenized in a thread that runs nothing
-but the Rust tokenizer, or in worker processes; documents, requests and results are made
-between engine steps, in bounded chunks."""
+but the Rust tokenizer (on CUDA; on the CPU on the engine's thread, see `chunk_preparer`), or
+in worker processes; documents, requests and results are made between engine steps, in bounded
+chunks."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import functools
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from tagserve.engine.engine import LLMEngine
-from tagserve.engine.offline import prompt_chunks, run_requests
+from tagserve.engine.offline import Pending, chunk_preparer, prompt_chunks, run_requests
 from tagserve.engine.request import Request
 from tagserve.params import PoolingParams
 from tagserve.postprocess.windows import Document, WindowRows
@@ -47,11 +47,11 @@ class Prepared(Protocol):
 
 class InThread:
     """`Prepared` in two halves: `encode` (the Rust tokenizer, which releases the GIL) in a
-    thread, then `build` on the engine's thread. A second thread running Python would hold the
-    GIL whenever the engine's thread wakes from a CUDA wait or returns from a torch call, for up
-    to the interpreter's 5 ms switch interval each time."""
+    thread on CUDA (`chunk_preparer`), then `build` on the engine's thread. A second thread
+    running Python would hold the GIL whenever the engine's thread wakes from a CUDA wait or
+    returns from a torch call, for up to the interpreter's 5 ms switch interval each time."""
 
-    def __init__(self, future: Future[E], build: Callable[[E], Sequence[WindowRows]]) -> None:
+    def __init__(self, future: Pending[E], build: Callable[[E], Sequence[WindowRows]]) -> None:
         self.future = future
         self.build = build
 
@@ -66,14 +66,13 @@ class InThread:
 
 
 @contextmanager
-def tokenizer_thread(encode: Callable[[list[Any]], E],
+def tokenizer_thread(engine: LLMEngine, encode: Callable[[list[Any]], E],
                      build: Callable[[list[Any], E], Sequence[WindowRows]],
                      ) -> Iterator[Callable[[list[Any]], Prepared]]:
-    """A `prepare` for `run_documents` that runs `encode(items)` in a thread and
-    `build(items, encoded)` on the engine's."""
-    with ThreadPoolExecutor(1, thread_name_prefix="tagserve-tokenize") as pool:
-        yield lambda items: InThread(pool.submit(encode, items),
-                                     functools.partial(build, items))
+    """A `prepare` for `run_documents` that runs `encode(items)` as `chunk_preparer` does (in a
+    thread on CUDA, when taken on the CPU) and `build(items, encoded)` on the engine's thread."""
+    with chunk_preparer(engine) as submit:
+        yield lambda items: InThread(submit(encode, items), functools.partial(build, items))
 
 
 def windows_to_run(doc: Document, width: int) -> list[int]:

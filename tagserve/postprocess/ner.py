@@ -296,7 +296,7 @@ def run_ner(engine: LLMEngine, inputs: Any, options: NerOptions, request_ids: It
     items, single = recognizer.inputs(inputs)
     bar = progress_bar(use_tqdm, len(items), "Recognized entities")
     try:
-        with _stages(recognizer, pool, tokenize_only) as (prepare, finish, collect):
+        with _stages(engine, recognizer, pool, tokenize_only) as (prepare, finish, collect):
             results = run_documents(engine, items, prepare, finish,
                                     logits_params(engine.model_config), request_ids,
                                     recognizer.width, None if bar is None else bar.update)
@@ -309,14 +309,14 @@ def run_ner(engine: LLMEngine, inputs: Any, options: NerOptions, request_ids: It
 
 
 @contextmanager
-def _stages(recognizer: Recognizer, pool: NerPool | None,
+def _stages(engine: LLMEngine, recognizer: Recognizer, pool: NerPool | None,
             tokenize_only: bool) -> Iterator[tuple[Any, Any, Callable[[list[Any]], list[Any]]]]:
     """`prepare`, `finish` and `collect` for `run_ner`: in this process (the Rust tokenizer in
-    a thread) or with the pool."""
+    a thread on CUDA) or with the pool."""
     if pool is not None:
         yield pool.stages(recognizer, tokenize_only)
         return
-    with tokenizer_thread(recognizer.encode, recognizer.prepared) as prepare:
+    with tokenizer_thread(engine, recognizer.encode, recognizer.prepared) as prepare:
         yield prepare, recognizer.finish, list
 
 
