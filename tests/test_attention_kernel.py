@@ -51,3 +51,35 @@ def test_kernel_matches_reference(causal, heads, kv_heads, head_dim, lengths):
     # both round the same float32 result to bf16; the kernel may not be less exact than FA2
     assert err <= 1.25 * flash_err + 1e-3, (err, flash_err)
     assert (got.float() - want).abs().mean() <= 1.25 * (flash.float() - want).abs().mean()
+
+
+def test_work_items_cover_every_query_block():
+    lens = np.array([1, 64, 65, 0, 200])
+    seq, block = attention_kernel.work_items(lens)
+    assert seq.tolist() == [0, 1, 2, 2, 4, 4, 4, 4]
+    assert block.tolist() == [0, 0, 0, 1, 0, 1, 2, 3]
+    capacity = attention_kernel.work_capacity(int(lens.sum()), len(lens))
+    assert capacity >= len(seq)
+    padded = attention_kernel.work_items(lens, capacity)
+    assert padded.shape == (2, capacity)
+    assert (padded[:, :len(seq)] == [seq, block]).all()
+    assert (padded[1, len(seq):] * attention_kernel.QUERY_BLOCK > lens.max()).all()
+    with pytest.raises(ValueError, match="capacity"):
+        attention_kernel.work_items(lens, len(seq) - 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_work_list_launch_equals_grid_launch(causal):
+    """The same programs run from the work list (with idle items) as from the full grid."""
+    torch.manual_seed(0)
+    device, lengths = torch.device("cuda"), [*LENGTHS, 0, 3]
+    qkv = torch.randn(sum(lengths), 16 + 2 * 8, 128, device=device, dtype=torch.bfloat16)
+    q, k, v = qkv.split([16, 8, 8], dim=1)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32,
+                      device=device)
+    grid = attention_kernel.varlen_attention(q, k, v, cu, max(lengths), causal)
+    capacity = attention_kernel.work_capacity(sum(lengths), len(lengths)) + 7
+    work = torch.from_numpy(attention_kernel.work_items(np.array(lengths), capacity)).to(device)
+    listed = attention_kernel.varlen_attention(q, k, v, cu, max(lengths), causal, work=work)
+    assert torch.equal(grid, listed)

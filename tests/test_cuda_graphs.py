@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tagserve import LLM, PoolingParams
-from tagserve.engine.cuda_graphs import CapturedForward, CudaGraphs
+from tagserve.engine.cuda_graphs import CapturedForward, CudaGraphs, captured_sizes
+from tagserve.layers.attention_kernel import QUERY_BLOCK
 
 from checkpoints import sentences
 
@@ -26,13 +27,18 @@ def test_padding_becomes_sequences_no_longer_than_max_seqlen():
     ids = np.arange(12, dtype=np.int64) + 100
     positions = np.concatenate([np.arange(5), np.arange(7)])
     flat = np.concatenate(graph.host_inputs(ids, positions, np.cumsum(lens)))
-    assert len(flat) == 2 * 64 + 10 + 1
-    got_ids, got_pos, cu = flat[:64], flat[64:128], flat[128:]
+    assert graph.num_work == 1 + 10  # 64 tokens in blocks of 64, plus one per sequence
+    assert len(flat) == 2 * 64 + 10 + 1 + 2 * graph.num_work
+    got_ids, got_pos, cu, work = flat[:64], flat[64:128], flat[128:139], flat[139:]
     assert got_ids[:12].tolist() == ids.tolist() and not got_ids[12:].any()
     assert got_pos[:12].tolist() == positions.tolist() and not got_pos[12:].any()
     # 52 padding tokens: pieces of 16, 16, 16, 4, then empty sequences ending at 64
     assert cu.tolist() == [0, 5, 12, 28, 44, 60, 64, 64, 64, 64, 64]
     assert np.diff(cu).max() <= 16
+    # one attention block for each of the 6 non-empty sequences, then idle items
+    seq, block = work.reshape(2, -1)
+    assert seq[:6].tolist() == [0, 1, 2, 3, 4, 5] and not block[:6].any()
+    assert (block[6:] * QUERY_BLOCK >= 64).all()
 
 
 def test_fits_counts_the_padding_sequences():
@@ -46,7 +52,13 @@ def test_fits_counts_the_padding_sequences():
 def test_graph_sizes_follow_the_token_budget():
     graphs = CudaGraphs(None, torch.device("cpu"), max_num_batched_tokens=100, max_num_seqs=8,
                         max_seqlen=32)
-    assert graphs.shapes == [(16, 9), (32, 9), (64, 10)]
+    assert graphs.shapes == [(16, 9), (32, 9), (64, 10), (100, 12)]
+    assert captured_sizes(64) == [16, 32, 64]
+    assert captured_sizes(10) == [10]
+    # powers of two up to 16,384, then steps of 8,192 (at most a third padding), the budget last
+    assert captured_sizes(65_536)[10:] == [16_384, 24_576, 32_768, 40_960, 49_152, 57_344,
+                                           65_536]
+    assert captured_sizes(30_000)[-3:] == [16_384, 24_576, 30_000]
 
 
 @pytest.mark.gpu
@@ -86,3 +98,31 @@ def test_graph_replay_matches_eager_launches(family, make_checkpoint):
           f"argmax agreement {agree / total:.4f}")
     assert worst < 2e-2
     assert agree / total >= 0.995
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_large_batches_replay_graphs_of_their_size(make_checkpoint):
+    """A budget above 16,384 tokens: full batches replay the graphs captured in 8,192-token
+    steps, and give what kernel-by-kernel launches give."""
+    llm = LLM(str(make_checkpoint("bert")), device="cuda", dtype="bfloat16",
+              max_num_batched_tokens=40_000, max_num_seqs=2048)
+    runner = llm.llm_engine.runner
+    assert [g.num_tokens for g in runner.graphs.graphs][-3:] == [24_576, 32_768, 40_000]
+    picked: list[int] = []
+    pick = runner.graphs.pick
+
+    def recording_pick(num_tokens: int, num_seqs: int) -> CapturedForward | None:
+        graph = pick(num_tokens, num_seqs)
+        picked.append(0 if graph is None else graph.num_tokens)
+        return graph
+
+    runner.graphs.pick = recording_pick
+    prompts = sentences(3000, seed=24)
+    replayed = llm.encode(prompts, RAW, pooling_task="token_classify", use_tqdm=False)
+    assert 40_000 in picked and all(picked)
+    runner.graphs = None
+    launched = llm.encode(prompts, RAW, pooling_task="token_classify", use_tqdm=False)
+    worst = max(float((g.outputs.data - e.outputs.data).abs().max() / e.outputs.data.abs().max())
+                for g, e in zip(replayed, launched, strict=True))
+    assert worst < 2e-2

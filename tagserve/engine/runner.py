@@ -16,6 +16,7 @@ from tagserve.engine.cuda_graphs import CapturedForward, CudaGraphs
 from tagserve.engine.request import Request
 from tagserve.engine.staging import PinnedPool, ResultArena
 from tagserve.layers.attention import AttentionMetadata, padded_layout, varlen_supported
+from tagserve.layers.attention_kernel import work_items
 from tagserve.models.heads import TokenClassifier
 from tagserve.pooling import PooledRows, Pooler
 
@@ -90,9 +91,11 @@ def pack(requests: list[Request], device: torch.device, use_varlen: bool, pool: 
                            staging=staging)
     cu_seqlens = np.concatenate([[0], ends])
     if use_varlen:
-        flat, staging = upload([ids, positions, cu_seqlens], device, pool)
-        input_ids, pos, cu = flat.split([n, n, len(cu_seqlens)])
-        attn = AttentionMetadata.build(seq_lens, cu.to(torch.int32))
+        work = work_items(lens)
+        flat, staging = upload([ids, positions, cu_seqlens, work.ravel()], device, pool)
+        input_ids, pos, cu, work_list = flat.split([n, n, len(cu_seqlens), work.size])
+        attn = AttentionMetadata.build(seq_lens, cu.to(torch.int32),
+                                       work=work_list.view(work.shape))
         return PackedBatch(input_ids, pos, seq_lens, attn, input_ids, staging=staging)
     # Padded buckets: padding slots hold token 0 at position 0; their rows are dropped.
     layout = padded_layout(seq_lens)

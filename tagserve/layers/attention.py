@@ -104,15 +104,18 @@ class AttentionMetadata:
     groups: list[LengthGroup] = field(default_factory=list)
     slots: np.ndarray | None = None
     num_slots: int = 0
+    work: torch.Tensor | None = None  # the Triton kernel's work list (`work_items`), varlen only
     _masks: dict[tuple[int, Window], torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
     def build(cls, seq_lens: list[int], cu_seqlens: torch.Tensor,
-              layout: PaddedLayout | None = None) -> AttentionMetadata:
+              layout: PaddedLayout | None = None,
+              work: torch.Tensor | None = None) -> AttentionMetadata:
         """`cu_seqlens [B+1]`: the sequences' start offsets, int32 on the model's device;
-        `layout`: the `padded_layout` of `seq_lens`, or None for flash varlen."""
+        `layout`: the `padded_layout` of `seq_lens`, or None for flash varlen, with `work`
+        the batch's `attention_kernel.work_items` on the device (or None)."""
         if layout is None:
-            return cls(seq_lens, cu_seqlens, max(seq_lens), True)
+            return cls(seq_lens, cu_seqlens, max(seq_lens), True, work=work)
         buckets, slots, num_slots = layout
         groups = []
         for start, lens in buckets:
@@ -154,7 +157,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     """Attention of `q [T, Hq, D]` over `k, v [T, Hkv, D]` within each packed sequence."""
     if meta.use_varlen and window in (FULL, CAUSAL) and attention_kernel.supported(q):
         return attention_kernel.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen,
-                                                 window == CAUSAL, scale)
+                                                 window == CAUSAL, scale, work=meta.work)
     if meta.use_varlen and (window in (FULL, CAUSAL) or _HAS_FLASH_WINDOW):
         return _flash_varlen(q, k, v, meta, window, scale)
     out = torch.empty_like(q)

@@ -6,6 +6,13 @@ the softmax (the online softmax of flash attention) and writes each output row o
 padding exists anywhere: `cu_seqlens` says where each sequence starts. Grouped k/v heads (GQA)
 are read in place. Causal programs stop at their diagonal and mask only the blocks that cross it.
 
+Which (sequence, query block) a program owns comes from a work list built on the host
+(`work_items`), so a batch launches one program per block of real queries. Without one, the
+grid is `max_seqlen / BLOCK_M` blocks for every sequence, and programs past their sequence's
+end return at once: cheap in a batch of similar lengths, but a CUDA graph, captured for the
+longest sequences and the most sequences it may ever hold, would launch up to ten times more
+programs than it has work for.
+
 On the H200, 64k-token bf16 batches (`benchmarks/attention_kernels.py`):
 
 | shape | torch's flash varlen (FA2) | this kernel |
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 try:
@@ -29,6 +37,30 @@ except ImportError:  # CPU builds of torch ship without Triton
     triton = None
 
 _LOG2_E = 1.4426950408889634
+QUERY_BLOCK = 64  # BLOCK_M of every configuration: the work list's unit
+_IDLE_BLOCK = 1 << 24  # a work item past any sequence's end: its program returns at once
+
+
+def work_items(seq_lens: np.ndarray, capacity: int | None = None) -> np.ndarray:
+    """The work list of a batch, `[2, W]` int64: sequence index and query block of every
+    program, sequences in order (empty ones get none). With `capacity`, padded to that many
+    items with idle ones (a CUDA graph's fixed launch size)."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    blocks = -(-lens // QUERY_BLOCK)
+    seq = np.repeat(np.arange(len(lens), dtype=np.int64), blocks)
+    block = np.arange(len(seq), dtype=np.int64) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    if capacity is not None:
+        if capacity < len(seq):
+            raise ValueError(f"{len(seq)} attention work items exceed the capacity {capacity}")
+        idle = capacity - len(seq)
+        seq = np.concatenate([seq, np.zeros(idle, np.int64)])
+        block = np.concatenate([block, np.full(idle, _IDLE_BLOCK, np.int64)])
+    return np.stack([seq, block])
+
+
+def work_capacity(num_tokens: int, num_seqs: int) -> int:
+    """The most work items `num_seqs` sequences of `num_tokens` tokens in all can need."""
+    return -(-num_tokens // QUERY_BLOCK) + num_seqs
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -65,11 +97,17 @@ if triton is not None:
         return acc, m_new, row_sum
 
     @triton.jit
-    def _varlen_attention(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, stride_qt, stride_qh, stride_kt,
-                          stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, scale_log2,
-                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-        block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def _varlen_attention(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, work_ptr, num_work, stride_qt,
+                          stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+                          stride_oh, scale_log2, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                          WORK: tl.constexpr):
+        if WORK:  # grid (work items, heads)
+            item, head = tl.program_id(0), tl.program_id(1)
+            seq = tl.load(work_ptr + item).to(tl.int32)
+            block = tl.load(work_ptr + num_work + item).to(tl.int32)
+        else:  # grid (query blocks, sequences, heads)
+            block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(cu_ptr + seq)
         length = tl.load(cu_ptr + seq + 1) - start
         q_lo = block * BLOCK_M
@@ -120,20 +158,27 @@ def _config(max_seqlen: int) -> dict[str, int]:
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool,
-                     scale: float | None = None, config: dict[str, int] | None = None
-                     ) -> torch.Tensor:
+                     scale: float | None = None, config: dict[str, int] | None = None,
+                     work: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of `q [T, Hq, D]` over `k, v [T, Hkv, D]` within each sequence of
     `cu_seqlens [B+1]` (int32, starts of the sequences in T), bidirectional or causal.
-    q, k and v may be strided views (unit stride in D). Returns a new `[T, Hq, D]` tensor."""
+    q, k and v may be strided views (unit stride in D). `work`: the batch's `work_items` on
+    the device (`[2, W]` int64, contiguous), or None for a grid over `max_seqlen`. Returns a
+    new `[T, Hq, D]` tensor."""
     tokens, heads, head_dim = q.shape
     out = torch.empty(tokens, heads, head_dim, dtype=q.dtype, device=q.device)
     if tokens == 0:
         return out
     config = config or _config(max_seqlen)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), len(cu_seqlens) - 1, heads)
+    if work is not None:
+        assert config["BLOCK_M"] == QUERY_BLOCK, "the work list is cut in QUERY_BLOCK queries"
+        grid: tuple[int, ...] = (work.shape[1], heads)
+    else:
+        grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), len(cu_seqlens) - 1, heads)
     _varlen_attention[grid](
-        q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * _LOG2_E,
-        GROUP=heads // k.shape[1], HEAD_DIM=head_dim, CAUSAL=causal, **config)
+        q, k, v, out, cu_seqlens, cu_seqlens if work is None else work, grid[0], q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+        out.stride(1), scale * _LOG2_E, GROUP=heads // k.shape[1], HEAD_DIM=head_dim,
+        CAUSAL=causal, WORK=work is not None, **config)
     return out
