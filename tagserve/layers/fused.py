@@ -14,11 +14,11 @@ its GPU time at large batches, all of it memory traffic. On CUDA with 16-bit wei
   (`torch._addmm_activation`), so the `[T, intermediate]` tensor is written once. The epilogue
   computes GELU's tanh form, within 4.8e-4 of the exact (erf) GELU everywhere: below bf16's
   resolution for activations above 0.06.
-On CPU in bf16 (oneDNN, e.g. AMX) the linear layers run as oneDNN matmuls with the bias and
-GELU applied inside the kernel (`torch.ops.mkldnn._linear_pointwise`): eager `addmm` first
-copies the bias into the output and GELU is another pass, 13% and 12% of the CPU time of a
-BERT-small layer. Everywhere else the same functions run eagerly, so results are identical in
-float32.
+On CPU in bf16 (oneDNN, e.g. AMX) the linear layers run as oneDNN matmuls with the bias,
+GELU and the residual add applied inside the kernel (`torch.ops.mkldnn._linear_pointwise`):
+eager `addmm` first copies the bias into the output and GELU is another pass, 13% and 12% of
+the CPU time of a BERT-small layer; the residual adds were 2.4%. Everywhere else the same
+functions run eagerly, so results are identical in float32.
 """
 
 from __future__ import annotations
@@ -140,6 +140,17 @@ def linear(x: torch.Tensor, layer: nn.Linear, fused: bool) -> torch.Tensor:
     if fused and not x.is_cuda and layer.bias is not None:
         return _onednn_linear(x, layer.weight, layer.bias, "none", [], "")
     return layer(x)
+
+
+def linear_add_layer_norm(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor,
+                          norm: nn.LayerNorm, fused: bool) -> torch.Tensor:
+    """`norm(layer(x) + residual)`; fused on CPU, the residual is added inside the oneDNN
+    matmul (a binary post-op, before the result is rounded to bf16) instead of in a pass of
+    its own."""
+    if fused and not x.is_cuda and layer.bias is not None:
+        y = _onednn_linear.binary(x, residual, layer.weight, layer.bias, "add")
+        return F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps)
+    return add_layer_norm(linear(x, layer, fused), residual, norm, fused)
 
 
 def linear_gelu(x: torch.Tensor, layer: nn.Linear, approximate: str, fused: bool) -> torch.Tensor:

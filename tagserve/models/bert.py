@@ -8,7 +8,7 @@ from torch import nn
 from tagserve.config import HFConfig
 from tagserve.layers.activation import GELU_FORMS, get_activation
 from tagserve.layers.attention import AttentionMetadata, packed_attention
-from tagserve.layers.fused import add_layer_norm, embedding_layer_norm, linear, linear_gelu
+from tagserve.layers.fused import embedding_layer_norm, linear, linear_add_layer_norm, linear_gelu
 from tagserve.models.base import Backbone, WeightTarget
 
 
@@ -56,12 +56,12 @@ class BertLayer(nn.Module):
         qkv = linear(x, self.qkv, self.fused)
         q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         a = packed_attention(q, k, v, attn).reshape(x.shape)
-        x = add_layer_norm(linear(a, self.attn_out, self.fused), x, self.attn_norm, self.fused)
+        x = linear_add_layer_norm(a, self.attn_out, x, self.attn_norm, self.fused)
         if self.gelu is None:
             h = self.act(linear(x, self.up, self.fused))
         else:
             h = linear_gelu(x, self.up, self.gelu, self.fused)
-        return add_layer_norm(linear(h, self.down, self.fused), x, self.mlp_norm, self.fused)
+        return linear_add_layer_norm(h, self.down, x, self.mlp_norm, self.fused)
 
 
 class BertModel(Backbone):
