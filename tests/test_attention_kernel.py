@@ -9,9 +9,7 @@ import torch.nn.functional as F
 
 from tagserve.layers import attention_kernel
 
-needs_triton = pytest.mark.skipif(
-    not torch.cuda.is_available() or attention_kernel.triton is None,
-    reason="needs a CUDA device and Triton")
+from gpu import needs_triton
 
 # Lengths on both sides of the block sizes, a single token, and the longest BERT input.
 LENGTHS = [1, 5, 63, 64, 65, 127, 128, 129, 200, 511, 512, 17, 300]

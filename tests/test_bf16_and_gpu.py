@@ -10,8 +10,8 @@ from transformers import AutoModelForTokenClassification
 from tagserve import LLM, PoolerConfig, PoolingParams
 
 from checkpoints import FAMILIES, oracle_dir, sentences
+from gpu import needs_cuda
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU_FAMILIES = ("bert", "xlmr", "modernbert", "qwen3", "mistral")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 CONVERTED = {"bert_model", "qwen3_causal", "llama_model"}

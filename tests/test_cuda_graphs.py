@@ -12,8 +12,8 @@ from tagserve.engine.cuda_graphs import CapturedForward, CudaGraphs, captured_si
 from tagserve.layers.attention_kernel import QUERY_BLOCK
 
 from checkpoints import sentences
+from gpu import needs_cuda
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 RAW = PoolingParams(use_activation=False)
 
 

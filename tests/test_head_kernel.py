@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 from tagserve.layers import head_kernel
 
-needs_triton = pytest.mark.skipif(
-    not torch.cuda.is_available() or head_kernel.triton is None,
-    reason="needs a CUDA device and Triton")
+from gpu import needs_triton
 
 
 @needs_triton

@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 from tagserve.layers import layer_norm_kernel
 
-needs_triton = pytest.mark.skipif(
-    not torch.cuda.is_available() or layer_norm_kernel.triton is None,
-    reason="needs a CUDA device and Triton")
+from gpu import needs_triton
 
 SHAPES = [(65_537, 768), (3, 1024), (1, 96), (0, 768), (1000, 384)]
 

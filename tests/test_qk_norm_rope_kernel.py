@@ -9,9 +9,7 @@ from tagserve.layers import qk_norm_rope_kernel
 from tagserve.layers.fused import _qk_norm_rope
 from tagserve.layers.rotary import RotaryEmbedding
 
-needs_triton = pytest.mark.skipif(
-    not torch.cuda.is_available() or qk_norm_rope_kernel.triton is None,
-    reason="needs a CUDA device and Triton")
+from gpu import needs_triton
 
 
 @needs_triton
