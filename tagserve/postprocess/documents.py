@@ -36,8 +36,6 @@ AHEAD = 2
 class Prepared(Protocol):
     """Inputs being cut into documents elsewhere (a thread, worker processes)."""
 
-    def done(self) -> bool: ...
-
     def result(self) -> Sequence[WindowRows]:
         """The documents (waits for them); called on the engine's thread."""
         ...
@@ -54,9 +52,6 @@ class InThread:
     def __init__(self, future: Pending[E], build: Callable[[E], Sequence[WindowRows]]) -> None:
         self.future = future
         self.build = build
-
-    def done(self) -> bool:
-        return self.future.done()
 
     def result(self) -> Sequence[WindowRows]:
         return self.build(self.future.result())
@@ -101,9 +96,6 @@ class _Chunk:
     def start(self) -> None:
         if self.prepared is None:
             self.prepared = self._start(self.chunk)
-
-    def done(self) -> bool:
-        return self.prepared is not None and self.prepared.done()
 
     def result(self) -> list[Request]:
         self.start()

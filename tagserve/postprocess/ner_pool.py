@@ -388,16 +388,13 @@ def _by_worker(cuts: Sequence[Cut]) -> dict[int, list[int]]:
 
 class _InWorkers:
     """Inputs submitted to the workers as `(worker or first input, key or end, future)`; a
-    chunk as `run_requests` takes it (`done`, `result`, `cancel`)."""
+    chunk as `run_requests` takes it (`result`, `cancel`)."""
 
     def __init__(self, pool: NerPool, recognizer: Recognizer,
                  submitted: list[tuple[int, int, Future]]) -> None:
         self.pool = pool
         self.recognizer = recognizer
         self.submitted = submitted
-
-    def done(self) -> bool:
-        return all(future.done() for _, _, future in self.submitted)
 
     def cancel(self) -> None:
         for _, _, future in self.submitted:
