@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tagserve import __version__
 from tagserve.config import DTYPES, PoolerConfig
@@ -29,6 +29,10 @@ from tagserve.server.settings import (
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     ServerSettings,
 )
+
+if TYPE_CHECKING:
+    from tagserve.config import HFConfig
+    from tagserve.postprocess.ner import NerOptions
 
 logger = logging.getLogger("tagserve")
 
@@ -246,8 +250,15 @@ def add_ner_arguments(parser: argparse.ArgumentParser) -> None:
                              "the engine (default: 0, in this process); the output is the "
                              "same. Worth it when the model is fast (GPU).")
     ner = parser.add_argument_group("entities")
-    ner.add_argument("--aggregation-strategy", default="simple", choices=STRATEGIES,
-                     help="As transformers' pipeline (default: %(default)s).")
+    ner.add_argument("--aggregation-strategy", choices=STRATEGIES,
+                     help="As transformers' pipeline (default: the model's recommended "
+                          "decoding, config.json's \"tagserve_ner_decoding\" (the bundled "
+                          "model: first), else simple).")
+    ner.add_argument("--bio", choices=("none", "repair", "viterbi"),
+                     help="BIO decoding of the token labels: none (argmax), repair (an I- "
+                          "that opens an entity becomes B-) or viterbi (the best valid label "
+                          "sequence); default: the model's recommended decoding (the bundled "
+                          "model: viterbi), else none.")
     ner.add_argument("--threshold", type=float, help="Drop entities scoring below it.")
     ner.add_argument("--labels", nargs="+", metavar="LABEL", help="Keep only these labels.")
     ner.add_argument("--stride", type=int,
@@ -271,10 +282,24 @@ def entity_table(text: str, entities: list[dict[str, Any]]) -> str:
                      for a, b, c, d in rows)
 
 
+def ner_options(args: argparse.Namespace, hf_config: HFConfig) -> NerOptions:
+    """`tagserve ner`'s options: the flags given, the model's recommended decoding
+    (`recommended_decoding`) for the strategy and BIO decoding left out."""
+    from tagserve.postprocess.ner import NerOptions, recommended_decoding
+
+    decoding = recommended_decoding(hf_config)
+    if args.aggregation_strategy is not None:
+        decoding["aggregation_strategy"] = args.aggregation_strategy
+    if args.bio is not None:
+        decoding["bio"] = None if args.bio == "none" else args.bio
+    return NerOptions.create(**decoding, threshold=args.threshold, labels=args.labels,
+                             stride=args.stride)
+
+
 def run_ner_command(args: argparse.Namespace) -> int:
     from tagserve.corpus import tag_corpus
     from tagserve.engine.async_engine import AsyncEngine
-    from tagserve.postprocess.ner import NerOptions, jsonable, ner_async
+    from tagserve.postprocess.ner import jsonable, ner_async
     from tagserve.postprocess.ner_pool import NerPool
 
     model, text = args.model, args.text
@@ -285,8 +310,6 @@ def run_ner_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    options = NerOptions.create(aggregation_strategy=args.aggregation_strategy,
-                                threshold=args.threshold, labels=args.labels, stride=args.stride)
     try:
         engine = AsyncEngine.from_engine_args(EngineArgs(
             model=model or str(bundled_model()), device=args.device, dtype=args.dtype))
@@ -294,6 +317,7 @@ def run_ner_command(args: argparse.Namespace) -> int:
         logger.error("Cannot load %s: %s", model or "the bundled model", exc)
         return 1
     try:
+        options = ner_options(args, engine.model_config.hf_config)
         if text is not None:
             print(entity_table(text, jsonable(asyncio.run(ner_async(engine, text, options)))))
         else:

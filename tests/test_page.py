@@ -75,7 +75,8 @@ def test_page_has_its_controls(client):
     assert "default-src 'self'" in response.headers["content-security-policy"]
     page = _Elements()
     page.feed(response.text)
-    for element_id, tag in [("text", "textarea"), ("strategy", "select"), ("threshold", "input"),
+    for element_id, tag in [("text", "textarea"), ("strategy", "select"), ("bio", "select"),
+                            ("threshold", "input"),
                             ("tag", "button"), ("example", "button"), ("api-key", "input"),
                             ("legend", "ul"), ("highlighted", "div"), ("tooltip", "div"),
                             ("redact-mode", "select"), ("redacted", "div"), ("error", "div"),
@@ -85,7 +86,8 @@ def test_page_has_its_controls(client):
     assert page.by_id["error"]["role"] == "alert"
     assert page.by_id["tooltip"]["role"] == "tooltip"
     options = [attrs["value"] for tag, attrs in page.tags if tag == "option"]
-    assert options == ["simple", "first", "average", "max", "none", "replace", "mask", "hash"]
+    assert options == ["simple", "first", "average", "max", "none", "", "repair", "viterbi",
+                       "replace", "mask", "hash"]
     assets = {attrs.get("src") or attrs.get("href") for tag, attrs in page.tags
               if tag in ("script", "link")}
     assert assets == {"static/app.js", "static/style.css", "data:,"}
@@ -192,8 +194,14 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     # The docs' screenshot shows real entities: the bundled model, under its own name.
+    # A model that recommends a decoding (config.json's "tagserve_ner_decoding"): the pickers'
+    # defaults once the page can read it.
+    decoding = {"aggregation_strategy": "average", "bio": "viterbi"}
     ckpt, model_name = ((DEFAULT_MODEL, DEFAULT_MODEL.name) if UPDATE_SCREENSHOT
-                        else (make_checkpoint("bert"), MODEL_NAME))
+                        else (make_checkpoint("bert", tagserve_ner_decoding=decoding),
+                              MODEL_NAME))
+    decoding = json.loads((ckpt / "config.json").read_text()).get(
+        "tagserve_ner_decoding", {"aggregation_strategy": "simple", "bio": None})
     id2label = json.loads((ckpt / "config.json").read_text())["id2label"].values()
     entity_labels = set(id2label) | {label.split("-", 1)[-1] for label in id2label}
     driver = browser
@@ -208,6 +216,7 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
         driver.get(f"{url}/")
         assert driver.title == "tagserve"
         wait.until(lambda _: text_of("model-name") == "(API key needed)")
+        assert find(By.ID, "strategy").get_property("value") == "simple"  # not read yet
         find(By.ID, "example").click()
         assert find(By.ID, "text").get_property("value")
 
@@ -219,6 +228,9 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
         find(By.CSS_SELECTOR, ".key summary").click()
         find(By.ID, "api-key").send_keys(API_KEY, Keys.TAB)
         wait.until(lambda _: text_of("model-name") == model_name)
+        wait.until(lambda _: find(By.ID, "strategy").get_property("value")
+                   == decoding["aggregation_strategy"])
+        assert find(By.ID, "bio").get_property("value") == (decoding["bio"] or "")
         find(By.CSS_SELECTOR, ".key summary").click()
 
         text_box = find(By.ID, "text")

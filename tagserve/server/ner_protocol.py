@@ -50,10 +50,20 @@ class RedactRequest(EntityFields):
     modes_by_label: dict[str, RedactMode] | None = Field(
         None, description="Per-label modes; other labels use `mode`")
     aggregation_strategy: GroupStrategy = "simple"
+    bio: Literal["repair", "viterbi"] | None = None
     stride: Stride | None = Field(None, description="Window overlap in tokens; texts are "
                                   "always redacted whole (default: a quarter of the window)")
     mask_char: str = Field("*", min_length=1, max_length=1)
     hash_salt: str = ""
+
+
+class NerDecodingResponse(BaseModel):
+    """The served model's recommended entity decoding (config.json's "tagserve_ner_decoding";
+    transformers' "simple" without BIO decoding when it names none): the page's defaults."""
+
+    model: str
+    aggregation_strategy: AggregationStrategy
+    bio: Literal["repair", "viterbi"] | None
 
 
 class Entity(BaseModel):

@@ -17,11 +17,17 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from tagserve.engine.counting import CountingEngine
 from tagserve.errors import ValidationError
-from tagserve.postprocess.ner import NerOptions, NerResult, ner_async
+from tagserve.postprocess.ner import NerOptions, NerResult, ner_async, recommended_decoding
 from tagserve.postprocess.redact import redact
 from tagserve.server.disconnect import cancel_on_disconnect
 from tagserve.server.errors import RequestTooLargeError
-from tagserve.server.ner_protocol import NerRequest, NerResponse, RedactRequest, RedactResponse
+from tagserve.server.ner_protocol import (
+    NerDecodingResponse,
+    NerRequest,
+    NerResponse,
+    RedactRequest,
+    RedactResponse,
+)
 from tagserve.server.routes.common import ERROR_RESPONSES, random_id, require_json
 from tagserve.server.routes.pooling import INLINE_RESPONSE_TOKENS
 from tagserve.server.state import ServerState, State
@@ -103,7 +109,7 @@ async def _redact(body: RedactRequest, request: Request, state: ServerState) -> 
     # Whole texts, and windows merged by probabilities: no span is dropped as an overlap.
     options = NerOptions.create(
         aggregation_strategy=body.aggregation_strategy, threshold=body.threshold,
-        labels=body.labels, window_merge="probabilities",
+        labels=body.labels, bio=body.bio, window_merge="probabilities",
         stride=_redaction_stride(state) if body.stride is None else body.stride)
     results, prompt_tokens = await _recognize(state, "/v1/redact", texts, options)
 
@@ -118,6 +124,14 @@ async def _redact(body: RedactRequest, request: Request, state: ServerState) -> 
 
     return await _respond(state, request, body.request_id, model, "redact", prompt_tokens,
                           build)
+
+
+@router.get("/v1/ner/decoding", response_model=NerDecodingResponse, responses=ERROR_RESPONSES)
+async def ner_decoding(state: State) -> NerDecodingResponse:
+    """The served model's recommended `aggregation_strategy` and `bio` (the page's defaults;
+    `/v1/ner` and `/v1/redact` themselves default to "simple" without BIO decoding)."""
+    return NerDecodingResponse(model=state.model_name(None),
+                               **recommended_decoding(state.engine.model_config.hf_config))
 
 
 @router.post("/v1/ner", response_model=NerResponse, responses=ERROR_RESPONSES,

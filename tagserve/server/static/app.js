@@ -8,14 +8,16 @@
 
   const $ = (id) => document.getElementById(id);
   const ui = {
-    form: $("tag-form"), text: $("text"), strategy: $("strategy"), threshold: $("threshold"),
+    form: $("tag-form"), text: $("text"), strategy: $("strategy"), bio: $("bio"),
+    threshold: $("threshold"),
     tag: $("tag"), example: $("example"), clear: $("clear"), error: $("error"),
     apiKey: $("api-key"), model: $("model-name"), legend: $("legend"), count: $("entity-count"),
     highlighted: $("highlighted"), tooltip: $("tooltip"), mode: $("redact-mode"),
     redacted: $("redacted"), redactNote: $("redact-note"),
   };
   const tokenData = new WeakMap();  // token <span> -> {token, entity}: the server's dicts
-  let lastRequest = null;  // {text, strategy, threshold} of the last "Tag"
+  let lastRequest = null;  // {text, strategy, bio, threshold} of the last "Tag"
+  let decodingChosen = false;  // the user picked a strategy or BIO decoding: keep it
   let tagSequence = 0;  // answers of superseded requests are dropped
   let redactSequence = 0;
 
@@ -117,7 +119,26 @@
       ui.model.textContent = first ? String(first.id) : "(none)";
     } catch (error) {
       ui.model.textContent = error.message.startsWith("401") ? "(API key needed)" : "(unknown)";
+      return;
     }
+    await loadDecoding();
+  }
+
+  // The served model's recommended decoding (config.json's "tagserve_ner_decoding") becomes
+  // the pickers' default; a server without the route, or a choice already made, keeps them.
+  async function loadDecoding() {
+    let decoding;
+    try {
+      decoding = await api("v1/ner/decoding");
+    } catch {
+      return;
+    }
+    if (decodingChosen) return;
+    const pick = (select, value) => {
+      if ([...select.options].some((option) => option.value === value)) select.value = value;
+    };
+    pick(ui.strategy, String(decoding.aggregation_strategy ?? "simple"));
+    pick(ui.bio, decoding.bio ? String(decoding.bio) : "");
   }
 
   // ---- errors and busy state -----------------------------------------------------------
@@ -296,7 +317,7 @@
     try {
       const answer = await api("v1/redact", {
         input: request.text, mode: ui.mode.value, threshold: request.threshold,
-        aggregation_strategy: perToken ? "simple" : request.strategy,
+        aggregation_strategy: perToken ? "simple" : request.strategy, bio: request.bio,
       });
       if (id === redactSequence) renderRedaction(request.text, answer.data[0]);
       return null;
@@ -313,7 +334,7 @@
   async function runNer(request, id) {
     try {
       const answer = await api("v1/ner", {
-        input: request.text, aggregation_strategy: request.strategy,
+        input: request.text, aggregation_strategy: request.strategy, bio: request.bio,
         threshold: request.threshold, return_tokens: true,
       });
       if (id === tagSequence) renderHighlights(request.text, answer.data[0]);
@@ -349,7 +370,7 @@
       ui.threshold.focus();
       return;
     }
-    const request = {text, strategy: ui.strategy.value, threshold};
+    const request = {text, strategy: ui.strategy.value, bio: ui.bio.value || null, threshold};
     const id = ++tagSequence;
     lastRequest = request;
     showError([]);
@@ -396,6 +417,9 @@
   ui.clear.addEventListener("click", clearAll);
   ui.mode.addEventListener("change", changeMode);
   ui.apiKey.addEventListener("change", loadModel);
+  for (const select of [ui.strategy, ui.bio]) {
+    select.addEventListener("change", () => { decodingChosen = true; });
+  }
   ui.highlighted.addEventListener("mouseover", (event) => {
     const span = event.target.closest(".tok");
     if (span) showTooltip(span);

@@ -1,0 +1,81 @@
+"""training/train_pii.py's span scorer: seqeval's exact-match rule on character spans."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+for module in ("faker", "wordfreq", "seqeval"):  # the `train` extra
+    pytest.importorskip(module)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+import train_pii  # noqa: E402
+from seqeval.metrics import f1_score, precision_score, recall_score  # noqa: E402
+
+
+def test_exact_match_counts():
+    gold = [{(0, 4, "PERSON"), (10, 15, "LOCATION")}, set()]
+    pred = [{(0, 4, "PERSON"), (10, 14, "LOCATION")}, {(20, 25, "ORG")}]
+    scores = train_pii.span_scores(gold, pred)
+    # tp 1 (PERSON); the short LOCATION is a false positive and a false negative; ORG is spurious.
+    assert (scores["precision"], scores["recall"], scores["f1"]) == (0.3333, 0.5, 0.4)
+    assert scores["sentences"] == 2
+    per = scores["per_type"]
+    assert per["PERSON"] == {"precision": 1.0, "recall": 1.0, "f1-score": 1.0, "support": 1}
+    assert per["LOCATION"]["f1-score"] == 0.0 and per["LOCATION"]["support"] == 1
+    assert per["ORG"]["precision"] == 0.0 and per["ORG"]["support"] == 0
+    assert "EMAIL" not in per  # neither gold nor predicted
+
+
+def _word_spans(words: list[str]) -> list[tuple[int, int]]:
+    spans, pos = [], 0
+    for word in words:
+        spans.append((pos, pos + len(word)))
+        pos += len(word) + 1
+    return spans
+
+
+def _entities(tags: list[str], offsets: list[tuple[int, int]]) -> set[tuple[int, int, str]]:
+    """Character spans of the entities seqeval reads in BIO tags (default mode)."""
+    out, current = set(), None
+    for tag, (start, end) in zip([*tags, "O"], [*offsets, (0, 0)], strict=True):
+        if current and (tag == "O" or tag.startswith("B-") or tag[2:] != current[2]):
+            out.add(tuple(current))
+            current = None
+        if tag.startswith("I-") and current:
+            current[1] = end
+        elif tag != "O":  # B-, or an I- that opens an entity (seqeval's default mode)
+            current = [start, end, tag[2:]]
+    return out
+
+
+def test_agrees_with_seqeval_on_word_aligned_spans():
+    rng = random.Random(0)
+    labels = ["O", "B-PERSON", "I-PERSON", "B-ORG", "I-ORG"]
+    gold_tags, pred_tags, gold, pred = [], [], [], []
+    for _ in range(300):
+        n = rng.randint(1, 12)
+        offsets = _word_spans(["w" * rng.randint(1, 5) for _ in range(n)])
+        g = [rng.choice(labels) for _ in range(n)]
+        g = [("B-" + t[2:]) if t.startswith("I-") and (i == 0 or g[i - 1][2:] != t[2:])
+             else t for i, t in enumerate(g)]  # valid BIO gold
+        p = [t if rng.random() < 0.7 else rng.choice(["O", "B-PERSON", "B-ORG"]) for t in g]
+        gold_tags.append(g)
+        pred_tags.append(p)
+        gold.append(_entities(g, offsets))
+        pred.append(_entities(p, offsets))
+    scores = train_pii.span_scores(gold, pred)
+    assert scores["f1"] == round(f1_score(gold_tags, pred_tags), 4)
+    assert scores["precision"] == round(precision_score(gold_tags, pred_tags), 4)
+    assert scores["recall"] == round(recall_score(gold_tags, pred_tags), 4)
+
+
+def test_entity_spans_reads_both_result_shapes():
+    text = "Ann met Bob"
+    grouped = [{"entity_group": "PERSON", "start": 0, "end": 3, "score": 0.9, "word": "Ann"}]
+    tokens = [{"entity": "B-PERSON", "start": 8, "end": 11, "score": 0.9, "word": "Bob",
+               "index": 3}]
+    assert train_pii.entity_spans(text, grouped) == {(0, 3, "PERSON")}
+    assert train_pii.entity_spans(text, tokens) == {(8, 11, "PERSON")}
