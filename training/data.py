@@ -546,9 +546,12 @@ Piece = tuple[str, "str | None"]
 class Generator:
     """Deterministic stream of labelled examples for one split."""
 
-    def __init__(self, split: str, seed: int) -> None:
+    def __init__(self, split: str, seed: int, case_rate: float = 0.0) -> None:
         assert split in ("train", "heldout"), split
         self.split = split
+        # Training only: share of examples that get an extra all-lower-case (2/3) or ALL-CAPS
+        # (1/3) variant on top of the shared 7% / 2% (0: the stream of earlier runs).
+        self.case_rate = case_rate if split == "train" else 0.0
         self.rng = random.Random(seed)
         self.values = Values(self.rng, train=split == "train")
         pick = lambda pools: {k: split_pool(v, split) for k, v in pools.items()}  # noqa: E731
@@ -840,6 +843,9 @@ class Generator:
             elif r < 0.1:
                 pieces = [(re.sub(" ", lambda m: "\n" if rng.random() < 0.15 else " ", t)
                            if lab is None else t, lab) for t, lab in pieces]
+            if self.case_rate and rng.random() < self.case_rate:
+                upper = rng.random() < 1 / 3
+                pieces = [(t.upper() if upper else t.lower(), lab) for t, lab in pieces]
         return [p for p in pieces if p[0]]
 
 
