@@ -79,3 +79,17 @@ def test_entity_spans_reads_both_result_shapes():
                "index": 3}]
     assert train_pii.entity_spans(text, grouped) == {(0, 3, "PERSON")}
     assert train_pii.entity_spans(text, tokens) == {(8, 11, "PERSON")}
+
+
+def test_training_only_options_leave_the_heldout_stream_alone():
+    import data
+
+    def texts(split: str, seed: int, **rates: float) -> list[str]:
+        return [ex.to_json() for ex in data.Generator(split, seed, **rates).take(300)]
+
+    assert texts("heldout", 1, case_rate=0.5, lead_rate=0.5) == texts("heldout", 1)
+    assert texts("train", 0, case_rate=0.0, lead_rate=0.0) == texts("train", 0)
+    cut = data.Generator("train", 0, lead_rate=1.0).take(300)
+    assert sum(1 for ex in cut if ex.spans and min(s for s, _, _ in ex.spans) == 0) > 100
+    cased = [ex.text for ex in data.Generator("train", 0, case_rate=1.0).take(300)]
+    assert sum(t == t.lower() or t == t.upper() for t in cased) == len(cased)

@@ -546,9 +546,13 @@ Piece = tuple[str, "str | None"]
 class Generator:
     """Deterministic stream of labelled examples for one split."""
 
-    def __init__(self, split: str, seed: int, case_rate: float = 0.0) -> None:
+    def __init__(self, split: str, seed: int, case_rate: float = 0.0,
+                 lead_rate: float = 0.0) -> None:
         assert split in ("train", "heldout"), split
         self.split = split
+        # Training only: share of examples cut to start at their first entity ("Jane Doe works
+        # at ..."; 0: the stream of earlier runs).
+        self.lead_rate = lead_rate if split == "train" else 0.0
         # Training only: share of examples that get an extra all-lower-case (2/3) or ALL-CAPS
         # (1/3) variant on top of the shared 7% / 2% (0: the stream of earlier runs).
         self.case_rate = case_rate if split == "train" else 0.0
@@ -612,6 +616,9 @@ class Generator:
             more = self.fill(rng.choice(self.templates[lang] + self.no_entity[lang]),
                              self.locale_for(lang))
             pieces = [*pieces, (rng.choice((" ", " ", "\n", "  ")), None), *more]
+        if self.lead_rate and rng.random() < self.lead_rate:
+            first = next((i for i, (_, label) in enumerate(pieces) if label), 0)
+            pieces = pieces[first:]
         pieces = self.wrap(pieces, lang)
         if self.split == "train" and rng.random() < 0.6:
             pieces = self.noise(pieces, lang)
