@@ -87,8 +87,12 @@ def test_training_only_options_leave_the_heldout_stream_alone():
     def texts(split: str, seed: int, **rates: float) -> list[str]:
         return [ex.to_json() for ex in data.Generator(split, seed, **rates).take(300)]
 
-    assert texts("heldout", 1, case_rate=0.5, lead_rate=0.5) == texts("heldout", 1)
-    assert texts("train", 0, case_rate=0.0, lead_rate=0.0) == texts("train", 0)
+    assert texts("heldout", 1, case_rate=0.5, lead_rate=0.5, word_opener_rate=0.5) == texts(
+        "heldout", 1)
+    assert texts("train", 0, case_rate=0.0, lead_rate=0.0, word_opener_rate=0.0) == texts(
+        "train", 0)
+    opened = data.Generator("train", 0, word_opener_rate=1.0).take(300)
+    assert sum(1 for ex in opened if ex.text[:1].isupper()) > 200
     cut = data.Generator("train", 0, lead_rate=1.0).take(300)
     assert sum(1 for ex in cut if ex.spans and min(s for s, _, _ in ex.spans) == 0) > 100
     cased = [ex.text for ex in data.Generator("train", 0, case_rate=1.0).take(300)]

@@ -547,9 +547,12 @@ class Generator:
     """Deterministic stream of labelled examples for one split."""
 
     def __init__(self, split: str, seed: int, case_rate: float = 0.0,
-                 lead_rate: float = 0.0) -> None:
+                 lead_rate: float = 0.0, word_opener_rate: float = 0.0) -> None:
         assert split in ("train", "heldout"), split
         self.split = split
+        # Training only: share of examples opened by a capitalised everyday word and a colon,
+        # comma or dash ("Budget:", "Morgen,"), labelled O (0: the stream of earlier runs).
+        self.word_opener_rate = word_opener_rate if split == "train" else 0.0
         # Training only: share of examples cut to start at their first entity ("Jane Doe works
         # at ..."; 0: the stream of earlier runs).
         self.lead_rate = lead_rate if split == "train" else 0.0
@@ -824,6 +827,10 @@ class Generator:
             if rng.random() < 0.06:
                 pieces = [(rng.choice(T.OPENERS[lang]) + rng.choice((" ", " ", "\n")), None),
                           *pieces]
+            if self.word_opener_rate and rng.random() < self.word_opener_rate:
+                word = rng.choice(lexicon(lang)).capitalize()
+                pieces = [(word + rng.choice((":", ",", " -", ":", "!")) +
+                           rng.choice((" ", " ", "\n")), None), *pieces]
             if rng.random() < 0.1:
                 greeting = self.fill(rng.choice(T.GREETINGS[lang]), self.locale_for(lang))
                 pieces = [*greeting, (rng.choice((" ", "\n", "\n\n")), None), *pieces]
