@@ -154,6 +154,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="`pt` allows pickle checkpoints, read with weights_only=True.")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
     model.add_argument("--seed", type=int, default=0, help="Random seed (default: %(default)s).")
+    model.add_argument("--precise-residuals", action="store_true",
+                       help="bf16 BERT-style encoders on CUDA keep the residual stream's rounding "
+                            "remainders: closer to float32 (W1 argmax 99.87%% -> 99.92%%), "
+                            "~5%% slower.")
 
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=int, default=256,
@@ -180,7 +184,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         seed=args.seed, device=args.device, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests, revision=args.revision,
-        load_format=args.load_format)
+        load_format=args.load_format, precise_residuals=args.precise_residuals)
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:

@@ -173,6 +173,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     load_format: str = "auto"
     enforce_eager: bool = False
+    precise_residuals: bool = False
 
     @property
     def head_dtype(self) -> torch.dtype:

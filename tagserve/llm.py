@@ -55,7 +55,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  load_format: str = "auto", revision: str | None = None,
                  skip_tokenizer_init: bool = False, enforce_eager: bool = False,
-                 ner_workers: int = 0, ner_tokenize_only: bool = True,
+                 precise_residuals: bool = False, ner_workers: int = 0,
+                 ner_tokenize_only: bool = True,
                  **kwargs: Any) -> None:
         self.llm_engine: LLMEngine = create_engine(EngineArgs(
             model=model, tokenizer=tokenizer, runner=runner, convert=convert, dtype=dtype,
@@ -63,7 +64,7 @@ class LLM:
             trust_remote_code=trust_remote_code, seed=seed, device=device,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             load_format=load_format, revision=revision, skip_tokenizer_init=skip_tokenizer_init,
-            enforce_eager=enforce_eager, extra=kwargs))
+            enforce_eager=enforce_eager, precise_residuals=precise_residuals, extra=kwargs))
         self._request_counter = itertools.count()
         self.ner_workers = ner_workers  # `ner`'s post-processing processes (0: in this one)
         # Workers only tokenize and cut the inputs, entities are built here (False: both there)

@@ -105,3 +105,36 @@ def test_fused_kernels_match_eager(family, device, make_checkpoint):
           f"fused argmax agreement with fp32 {agree:.4f}")
     assert worst_fused < max(2e-2, 1.25 * worst_eager)
     assert agree >= 0.985
+
+
+def _logits(path, prompts: list[str], device: str, **kwargs) -> torch.Tensor:
+    out = LLM(str(path), device=device, **kwargs).encode(prompts, RAW,
+                                                         pooling_task="token_classify")
+    return torch.cat([o.outputs.data.float() for o in out])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_precise_residuals_closer_to_float32(make_checkpoint):
+    """`precise_residuals` keeps the bf16 residual stream's rounding remainders on CUDA: the
+    logits move closer to float32's. The gain grows with depth: mean error 1.10e-2 -> 1.01e-2
+    for this 2-layer model on the H200, 0.0155 -> 0.0092 for 12-layer W1."""
+    path = make_checkpoint("bert")
+    prompts = sentences(64, seed=5)
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", precise_residuals=True)
+    assert llm.llm_engine.runner.model.backbone.embeddings.remainders
+    ref = _logits(path, prompts, "cuda", dtype="float32")
+    plain = (_logits(path, prompts, "cuda", dtype="bfloat16") - ref).abs().mean()
+    precise = (_logits(path, prompts, "cuda", dtype="bfloat16", precise_residuals=True)
+               - ref).abs().mean()
+    print(f"bf16 mean |logit error|: {plain:.2e}, with precise_residuals {precise:.2e}")
+    assert precise < 0.95 * plain
+
+
+def test_precise_residuals_is_cuda_only(make_checkpoint):
+    """On CPU the option changes nothing: the remainders live in the CUDA kernels."""
+    path = make_checkpoint("bert")
+    prompts = sentences(8, seed=6)
+    plain = _logits(path, prompts, "cpu", dtype="bfloat16")
+    assert torch.equal(plain, _logits(path, prompts, "cpu", dtype="bfloat16",
+                                      precise_residuals=True))

@@ -61,6 +61,7 @@ class EngineArgs:
     load_format: str = "auto"
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
+    precise_residuals: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -124,7 +125,7 @@ def create_engine(args: EngineArgs) -> LLMEngine:
         pooling_task=_served_task(resolved, pooler, hf_config.get("architectures") or []),
         pooler_config=pooler, trust_remote_code=args.trust_remote_code,
         load_format=args.load_format,
-        enforce_eager=args.enforce_eager)
+        enforce_eager=args.enforce_eager, precise_residuals=args.precise_residuals)
     default_tokens = 16384 if device.type == "cuda" else 8192
     scheduler_config = SchedulerConfig(
         max_num_batched_tokens=max(args.max_num_batched_tokens or default_tokens,

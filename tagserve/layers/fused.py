@@ -5,7 +5,9 @@ its GPU time at large batches, all of it memory traffic. On CUDA with 16-bit wei
 `enforce_eager=True`):
 - residual add + LayerNorm, and BERT's embedding lookups, adds and LayerNorm, are one
   hand-written Triton kernel each (`layer_norm_kernel.py`: the GPU time of Inductor's kernels
-  at a fraction of their launch cost on the host);
+  at a fraction of their launch cost on the host); with `precise_residuals` (bf16) they
+  pass on the remainders of their rounding (`Hidden.lo`), so that BERT's residual stream is
+  not rounded to bf16 25 times;
 - residual add + RMSNorm and gated activations are compiled with `torch.compile`
   into one kernel each (the token count turns into a dynamic dimension at the second batch
   size seen; hidden sizes stay constants); the decoders' q/k RMSNorm + RoPE is a hand-written
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,16 @@ from torch import nn
 from tagserve.layers import layer_norm_kernel, qk_norm_rope_kernel
 from tagserve.layers.norm import RMSNorm, rms_norm
 from tagserve.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class Hidden:
+    """Post-LayerNorm hidden states: the rows `x` that the next GEMM reads and, from the
+    fused bf16 CUDA kernels, `lo`: the int8 remainders of their rounding to bf16
+    (`layer_norm_kernel.py`), added back where `x` is the residual."""
+
+    x: torch.Tensor
+    lo: torch.Tensor | None = None
 
 
 def _add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -83,29 +96,34 @@ def _maybe_compiled(fn: Callable, fused: bool, x: torch.Tensor) -> Callable:
     return _compiled(fn) if fused and x.is_cuda else fn
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm,
-                   fused: bool) -> torch.Tensor:
-    """`norm(x + residual)`; fused on CUDA, one Triton kernel (`layer_norm_kernel.py`)."""
+def add_layer_norm(x: torch.Tensor, residual: Hidden, norm: nn.LayerNorm,
+                   fused: bool) -> Hidden:
+    """`norm(x + residual)`; fused on CUDA, one Triton kernel (`layer_norm_kernel.py`) that
+    keeps remainders when the residual has them."""
     if fused and layer_norm_kernel.available(x):
-        return layer_norm_kernel.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
-    return _maybe_compiled(_add_layer_norm, fused, x)(x, residual, norm.weight, norm.bias,
-                                                      norm.eps)
+        return Hidden(*layer_norm_kernel.add_layer_norm(
+            x, residual.x, norm.weight, norm.bias, norm.eps, residual.lo,
+            remainders=residual.lo is not None))
+    return Hidden(_maybe_compiled(_add_layer_norm, fused, x)(x, residual.x, norm.weight,
+                                                             norm.bias, norm.eps))
 
 
 def embedding_layer_norm(input_ids: torch.Tensor, positions: torch.Tensor, word: torch.Tensor,
                          position: torch.Tensor, token_type: torch.Tensor,
                          task_type: torch.Tensor | None, norm: nn.LayerNorm,
-                         fused: bool) -> torch.Tensor:
+                         fused: bool, remainders: bool = False) -> Hidden:
     """`LayerNorm(word[ids] + token_type + position[positions] (+ task_type))`: BERT's
     embeddings, one Triton kernel when fused on CUDA (eagerly two gathers, three adds and the
-    norm: 0.42 ms per 64k-token W1 batch on the H200; compiled 0.05 ms)."""
+    norm: 0.42 ms per 64k-token W1 batch on the H200; compiled 0.05 ms). With `remainders`
+    (bf16 only) it starts the residual stream's remainders, which the add + LayerNorms pass on."""
     if fused and layer_norm_kernel.available(word):
         extra = token_type.float() if task_type is None else token_type.float() + task_type
-        return layer_norm_kernel.embedding_layer_norm(input_ids, positions, word, position,
-                                                      extra, norm.weight, norm.bias, norm.eps)
-    return _maybe_compiled(_embedding_layer_norm, fused, word)(
+        return Hidden(*layer_norm_kernel.embedding_layer_norm(
+            input_ids, positions, word, position, extra, norm.weight, norm.bias, norm.eps,
+            remainders=remainders))
+    return Hidden(_maybe_compiled(_embedding_layer_norm, fused, word)(
         input_ids, positions, word, position, token_type, task_type, norm.weight, norm.bias,
-        norm.eps)
+        norm.eps))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
@@ -142,14 +160,14 @@ def linear(x: torch.Tensor, layer: nn.Linear, fused: bool) -> torch.Tensor:
     return layer(x)
 
 
-def linear_add_layer_norm(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor,
-                          norm: nn.LayerNorm, fused: bool) -> torch.Tensor:
+def linear_add_layer_norm(x: torch.Tensor, layer: nn.Linear, residual: Hidden,
+                          norm: nn.LayerNorm, fused: bool) -> Hidden:
     """`norm(layer(x) + residual)`; fused on CPU, the residual is added inside the oneDNN
     matmul (a binary post-op, before the result is rounded to bf16) instead of in a pass of
     its own."""
     if fused and not x.is_cuda and layer.bias is not None:
-        y = _onednn_linear.binary(x, residual, layer.weight, layer.bias, "add")
-        return F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps)
+        y = _onednn_linear.binary(x, residual.x, layer.weight, layer.bias, "add")
+        return Hidden(F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps))
     return add_layer_norm(linear(x, layer, fused), residual, norm, fused)
 
 

@@ -8,7 +8,13 @@ from torch import nn
 from tagserve.config import HFConfig
 from tagserve.layers.activation import GELU_FORMS, get_activation
 from tagserve.layers.attention import AttentionMetadata, packed_attention
-from tagserve.layers.fused import embedding_layer_norm, linear, linear_add_layer_norm, linear_gelu
+from tagserve.layers.fused import (
+    Hidden,
+    embedding_layer_norm,
+    linear,
+    linear_add_layer_norm,
+    linear_gelu,
+)
 from tagserve.models.base import Backbone, WeightTarget
 
 
@@ -24,14 +30,16 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.get("layer_norm_eps", 1e-12))
         self.position_offset = position_offset
         self.fused = False  # set by the loader on 16-bit CUDA and bf16 CPU (layers/fused.py)
+        self.remainders = False  # set by `enable_remainders` (bf16 CUDA, `precise_residuals`)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Hidden:
         # Single-segment inputs: token type 0 (and ERNIE task type 0) for every token.
         task = getattr(self, "task_type_embeddings", None)
         return embedding_layer_norm(
             input_ids, positions + self.position_offset, self.word_embeddings.weight,
             self.position_embeddings.weight, self.token_type_embeddings.weight[0],
-            None if task is None else task.weight[0], self.LayerNorm, self.fused)
+            None if task is None else task.weight[0], self.LayerNorm, self.fused,
+            self.remainders)
 
 
 class BertLayer(nn.Module):
@@ -52,16 +60,16 @@ class BertLayer(nn.Module):
         self.gelu = GELU_FORMS.get(act)  # "none" (exact) or "tanh"; None: not a GELU
         self.fused = False  # set by the loader on 16-bit CUDA and bf16 CPU (layers/fused.py)
 
-    def forward(self, x: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        qkv = linear(x, self.qkv, self.fused)
+    def forward(self, hidden: Hidden, attn: AttentionMetadata) -> Hidden:
+        qkv = linear(hidden.x, self.qkv, self.fused)
         q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        a = packed_attention(q, k, v, attn).reshape(x.shape)
-        x = linear_add_layer_norm(a, self.attn_out, x, self.attn_norm, self.fused)
+        a = packed_attention(q, k, v, attn).reshape(hidden.x.shape)
+        hidden = linear_add_layer_norm(a, self.attn_out, hidden, self.attn_norm, self.fused)
         if self.gelu is None:
-            h = self.act(linear(x, self.up, self.fused))
+            h = self.act(linear(hidden.x, self.up, self.fused))
         else:
-            h = linear_gelu(x, self.up, self.gelu, self.fused)
-        return linear_add_layer_norm(h, self.down, x, self.mlp_norm, self.fused)
+            h = linear_gelu(hidden.x, self.up, self.gelu, self.fused)
+        return linear_add_layer_norm(h, self.down, hidden, self.mlp_norm, self.fused)
 
 
 class BertModel(Backbone):
@@ -94,10 +102,10 @@ class BertModel(Backbone):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionMetadata) -> torch.Tensor:
-        x = self.embeddings(input_ids, positions)
+        hidden = self.embeddings(input_ids, positions)
         for layer in self.layers:
-            x = layer(x, attn)
-        return x
+            hidden = layer(hidden, attn)
+        return hidden.x
 
     def map_weight(self, name: str) -> WeightTarget | None:
         name = name.replace(".gamma", ".weight").replace(".beta", ".bias")

@@ -34,6 +34,13 @@ class TokenClassifier(nn.Module):
             if hasattr(module, "fused"):
                 module.fused = enabled
 
+    def enable_remainders(self, enabled: bool) -> None:
+        """Keep the residual stream's bf16 rounding remainders where a model has them
+        (`layers/layer_norm_kernel.py`; BERT-style encoders on fused bf16 CUDA)."""
+        for module in self.modules():
+            if hasattr(module, "remainders"):
+                module.remainders = enabled
+
     @property
     def num_labels(self) -> int:
         return self.head.out_features
