@@ -91,6 +91,7 @@ class Settings:
     out: Path
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    precise_residuals: bool | None = None
     vllm_python: Path | None = None
     vllm_dtypes: tuple[str, ...] = ()
     smoke: bool = False
@@ -131,6 +132,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-texts", type=int, help="texts for the fp32 accuracy checks")
     p.add_argument("--max-num-batched-tokens", type=int, help="passed to tagserve's LLM")
     p.add_argument("--max-num-seqs", type=int, help="passed to tagserve's LLM")
+    p.add_argument("--precise-residuals", action=argparse.BooleanOptionalAction,
+                   help="passed to tagserve's LLM (default: its default, on)")
     p.add_argument("--tagserve-dtype", choices=("float32", "bfloat16", "float16"),
                    help="tagserve's and vLLM's dtype (transformers keeps bf16 on cuda, fp32 on "
                         "cpu); e.g. bfloat16 on CPUs with AMX or AVX-512 bf16")
@@ -175,7 +178,8 @@ def make_settings(args: argparse.Namespace, argv: Sequence[str]) -> Settings:
         check_texts=pick("check_texts"), warmup_texts=defaults["warmup_texts"],
         matmul_size=defaults["matmul_size"], cache=args.cache, out=args.out,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        vllm_python=venv, vllm_dtypes=tuple(args.vllm_dtypes or ()), smoke=args.smoke,
+        precise_residuals=args.precise_residuals, vllm_python=venv,
+        vllm_dtypes=tuple(args.vllm_dtypes or ()), smoke=args.smoke,
         command=" ".join(shlex.quote(a) for a in ["python", "benchmarks/throughput.py", *argv]))
 
 
@@ -302,6 +306,8 @@ class TagserveSystem:
             kwargs["max_num_batched_tokens"] = st.max_num_batched_tokens
         if st.max_num_seqs:
             kwargs["max_num_seqs"] = st.max_num_seqs
+        if st.precise_residuals is not None:
+            kwargs["precise_residuals"] = st.precise_residuals
         self.device = st.device
         self.llm = LLM(str(checkpoint), device=st.device.type,
                        dtype=str(dtype).removeprefix("torch."), **kwargs)

@@ -173,7 +173,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     load_format: str = "auto"
     enforce_eager: bool = False
-    precise_residuals: bool = False
+    precise_residuals: bool = True
 
     @property
     def head_dtype(self) -> torch.dtype:

@@ -55,7 +55,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  load_format: str = "auto", revision: str | None = None,
                  skip_tokenizer_init: bool = False, enforce_eager: bool = False,
-                 precise_residuals: bool = False, ner_workers: int = 0,
+                 precise_residuals: bool = True, ner_workers: int = 0,
                  ner_tokenize_only: bool = True,
                  **kwargs: Any) -> None:
         self.llm_engine: LLMEngine = create_engine(EngineArgs(

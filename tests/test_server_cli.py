@@ -35,7 +35,7 @@ def test_flags_map_onto_engine_args():
                  "false", "--hf-overrides", '{"num_labels": 3}', "--dtype", "bfloat16",
                  "--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens",
                  "1024", "--max-waiting-requests", "10", "--device", "cpu", "--tokenizer",
-                 "tok", "--trust-remote-code", "--seed", "3", "--precise-residuals")
+                 "tok", "--trust-remote-code", "--seed", "3", "--no-precise-residuals")
     engine = engine_args(args)
     assert engine.model == "models/bert" and engine.tokenizer == "tok"
     assert (engine.runner, engine.convert, engine.dtype) == ("pooling", "classify", "bfloat16")
@@ -44,7 +44,7 @@ def test_flags_map_onto_engine_args():
     assert (engine.max_model_len, engine.max_num_seqs, engine.max_num_batched_tokens,
             engine.max_waiting_requests) == (64, 8, 1024, 10)
     assert engine.trust_remote_code and engine.device == "cpu" and engine.seed == 3
-    assert engine.precise_residuals and not engine_args(parse("m")).precise_residuals
+    assert not engine.precise_residuals and engine_args(parse("m")).precise_residuals
     assert engine_args(parse("m")).pooler_config is None
 
 

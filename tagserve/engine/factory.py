@@ -61,7 +61,7 @@ class EngineArgs:
     load_format: str = "auto"
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
-    precise_residuals: bool = False
+    precise_residuals: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
