@@ -98,3 +98,20 @@ def test_readme_first_command(llm: LLM) -> None:
     assert entity_text(pairs, text, "EMAIL") == ["jane.doe@example.com"]
     assert entity_text(pairs, text, "PHONE") == ["+14155550100"]
     assert entity_text(pairs, text, "DATE") == ["3March2025"]
+
+
+def test_recommended_decoding_is_what_the_cli_shows(capsys) -> None:
+    """config.json names the decoding the model is scored with (training/README.md): the
+    default of `tagserve ner`, whose first README command shows these four entities."""
+    from tagserve.cli import main
+
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert config["tagserve_ner_decoding"] == {"aggregation_strategy": "first", "bio": "viterbi"}
+    metrics = json.loads((DEFAULT_MODEL / "metrics.json").read_text())
+    assert metrics["pipeline"]["decoding"] == config["tagserve_ner_decoding"]
+    text = "Email Jane Doe at jane.doe@example.com or call +1 415 555 0100 before 3 March 2025."
+    assert main(["ner", text]) == 0
+    rows = [line.split(None, 3) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(label, shown) for label, _, _, shown in rows] == [
+        ("PERSON", "Jane Doe"), ("EMAIL", "jane.doe@example.com"), ("PHONE", "+1 415 555 0100"),
+        ("DATE", "3 March 2025")]

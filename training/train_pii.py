@@ -624,7 +624,8 @@ def rescore(out: Path, args: argparse.Namespace) -> dict[str, object]:
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config["tagserve_ner_decoding"] = dict(RECOMMENDED_DECODING)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # transformers' layout: top-level keys sorted, id2label/label2id in label order
+    config_path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     seed = int(metrics.get("args", {}).get("seed", args.seed))
     heldout = D.Generator("heldout", seed + 1).take(int(metrics["heldout"]["sentences"]))
     natural = D.load_jsonl(args.natural)
