@@ -73,12 +73,11 @@ def test_agrees_with_seqeval_on_word_aligned_spans():
 
 
 def test_entity_spans_reads_both_result_shapes():
-    text = "Ann met Bob"
     grouped = [{"entity_group": "PERSON", "start": 0, "end": 3, "score": 0.9, "word": "Ann"}]
     tokens = [{"entity": "B-PERSON", "start": 8, "end": 11, "score": 0.9, "word": "Bob",
                "index": 3}]
-    assert train_pii.entity_spans(text, grouped) == {(0, 3, "PERSON")}
-    assert train_pii.entity_spans(text, tokens) == {(8, 11, "PERSON")}
+    assert train_pii.entity_spans(grouped) == {(0, 3, "PERSON")}
+    assert train_pii.entity_spans(tokens) == {(8, 11, "PERSON")}
 
 
 def test_training_only_options_leave_the_heldout_stream_alone():

@@ -511,11 +511,10 @@ def evaluate(model: BertForTokenClassification, tok: Tokenizer, examples: Sequen
 Span = tuple[int, int, str]
 
 
-def entity_spans(text: str, entities: Sequence[dict[str, object]]) -> set[Span]:
+def entity_spans(entities: Sequence[dict[str, object]]) -> set[Span]:
     """``(start, end, label)`` of each entity tagserve returned (``entity_group``, or the type
     of a per-token ``entity`` "B-X"), as given: outer whitespace inside an entity counts
     against it, as a user would see it."""
-    del text  # offsets are used as returned
     spans = set()
     for ent in entities:
         label = str(ent.get("entity_group") or str(ent["entity"]).split("-", 1)[-1])
@@ -571,7 +570,7 @@ def evaluate_pipeline(model_dir: Path, sets: dict[str, Sequence[D.Example]],
 
     def score(name: str, decoding: dict[str, str | None]) -> dict[str, object]:
         results = llm.ner(texts[name], **decoding, use_tqdm=False)
-        pred = [entity_spans(t, r) for t, r in zip(texts[name], results, strict=True)]
+        pred = [entity_spans(r) for r in results]
         return span_scores(gold[name], pred)  # type: ignore[arg-type]
 
     out: dict[str, object] = {"metric": PIPELINE_METRIC, "decoding": dict(RECOMMENDED_DECODING)}
