@@ -122,7 +122,7 @@ def test_precise_residuals_closer_to_float32(make_checkpoint):
     path = make_checkpoint("bert")
     prompts = sentences(64, seed=5)
     assert LLM(str(path), device="cuda", dtype="bfloat16").llm_engine.runner.model \
-        .backbone.embeddings.remainders
+        .backbone.embeddings.precise_residuals
     ref = _logits(path, prompts, "cuda", dtype="float32")
     plain = (_logits(path, prompts, "cuda", dtype="bfloat16", precise_residuals=False)
              - ref).abs().mean()
@@ -131,9 +131,17 @@ def test_precise_residuals_closer_to_float32(make_checkpoint):
     assert precise < 0.95 * plain
 
 
-def test_precise_residuals_is_cuda_only(make_checkpoint):
-    """On CPU the option changes nothing: the remainders live in the CUDA kernels."""
+def test_precise_residuals_on_cpu(make_checkpoint):
+    """On CPU in bf16 the option keeps the residual stream in float32 (the GEMMs still read
+    bf16 rows) and the head reads float32 rows: the logits move closer to float32's
+    (W4a, 80k tokens: argmax agreement 99.86% -> 99.95%)."""
     path = make_checkpoint("bert")
-    prompts = sentences(8, seed=6)
-    plain = _logits(path, prompts, "cpu", dtype="bfloat16", precise_residuals=False)
-    assert torch.equal(plain, _logits(path, prompts, "cpu", dtype="bfloat16"))
+    prompts = sentences(32, seed=6)
+    assert LLM(str(path), device="cpu", dtype="bfloat16").llm_engine.runner.model \
+        .backbone.embeddings.precise_residuals
+    ref = _logits(path, prompts, "cpu", dtype="float32")
+    plain = (_logits(path, prompts, "cpu", dtype="bfloat16", precise_residuals=False)
+             - ref).abs().mean()
+    precise = (_logits(path, prompts, "cpu", dtype="bfloat16") - ref).abs().mean()
+    print(f"CPU bf16 mean |logit error|: {plain:.2e}, with precise_residuals {precise:.2e}")
+    assert precise < 0.9 * plain

@@ -19,8 +19,10 @@ its GPU time at large batches, all of it memory traffic. On CUDA with 16-bit wei
 On CPU in bf16 (oneDNN, e.g. AMX) the linear layers run as oneDNN matmuls with the bias,
 GELU and the residual add applied inside the kernel (`torch.ops.mkldnn._linear_pointwise`):
 eager `addmm` first copies the bias into the output and GELU is another pass, 13% and 12% of
-the CPU time of a BERT-small layer; the residual adds were 2.4%. Everywhere else the same
-functions run eagerly, so results are identical in float32.
+the CPU time of a BERT-small layer; the residual adds were 2.4%. With `precise_residuals` the
+residual stream stays float32 instead (`Hidden.x32`): the add and LayerNorm run in float32 and
+only the rows the next GEMM reads are rounded to bf16. Everywhere else the same functions run
+eagerly, so results are identical in float32.
 """
 
 from __future__ import annotations
@@ -40,12 +42,26 @@ from tagserve.layers.rotary import RotaryEmbedding, apply_rotary
 
 @dataclass
 class Hidden:
-    """Post-LayerNorm hidden states: the rows `x` that the next GEMM reads and, from the
-    fused bf16 CUDA kernels, `lo`: the int8 remainders of their rounding to bf16
-    (`layer_norm_kernel.py`), added back where `x` is the residual."""
+    """Post-LayerNorm hidden states: the rows `x` that the next GEMM reads and, with
+    `precise_residuals`, what their rounding to bf16 lost, added back where `x` is the
+    residual: `lo`, int8 remainders from the fused CUDA kernels (`layer_norm_kernel.py`), or
+    `x32`, the rows in float32 on CPU."""
 
     x: torch.Tensor
     lo: torch.Tensor | None = None
+    x32: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The most precise form of the rows, for the label head."""
+        return self.x if self.x32 is None else self.x32
+
+
+def _layer_norm32(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> Hidden:
+    """LayerNorm of float32 rows in float32 (`precise_residuals` on CPU)."""
+    bias = None if norm.bias is None else norm.bias.float()
+    out = F.layer_norm(x, (x.shape[-1],), norm.weight.float(), bias, norm.eps)
+    return Hidden(out.to(dtype), x32=out)
 
 
 def _add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -53,14 +69,19 @@ def _add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
     return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
 
 
+def _embedding_sum(input_ids: torch.Tensor, positions: torch.Tensor, word: torch.Tensor,
+                   position: torch.Tensor, token_type: torch.Tensor,
+                   task_type: torch.Tensor | None) -> torch.Tensor:
+    x = F.embedding(input_ids, word) + token_type
+    x = x + F.embedding(positions, position)
+    return x if task_type is None else x + task_type
+
+
 def _embedding_layer_norm(input_ids: torch.Tensor, positions: torch.Tensor, word: torch.Tensor,
                           position: torch.Tensor, token_type: torch.Tensor,
                           task_type: torch.Tensor | None, weight: torch.Tensor,
                           bias: torch.Tensor, eps: float) -> torch.Tensor:
-    x = F.embedding(input_ids, word) + token_type
-    x = x + F.embedding(positions, position)
-    if task_type is not None:
-        x = x + task_type
+    x = _embedding_sum(input_ids, positions, word, position, token_type, task_type)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
@@ -115,7 +136,11 @@ def embedding_layer_norm(input_ids: torch.Tensor, positions: torch.Tensor, word:
     """`LayerNorm(word[ids] + token_type + position[positions] (+ task_type))`: BERT's
     embeddings, one Triton kernel when fused on CUDA (eagerly two gathers, three adds and the
     norm: 0.42 ms per 64k-token W1 batch on the H200; compiled 0.05 ms). With `remainders`
-    (bf16 only) it starts the residual stream's remainders, which the add + LayerNorms pass on."""
+    (bf16 only) it starts the residual stream's remainders (CUDA) or float32 copy (CPU),
+    which the add + LayerNorms pass on."""
+    if fused and remainders and not word.is_cuda:
+        x = _embedding_sum(input_ids, positions, word, position, token_type.float(), task_type)
+        return _layer_norm32(x, norm, word.dtype)
     if fused and layer_norm_kernel.available(word):
         extra = token_type.float() if task_type is None else token_type.float() + task_type
         return Hidden(*layer_norm_kernel.embedding_layer_norm(
@@ -166,6 +191,8 @@ def linear_add_layer_norm(x: torch.Tensor, layer: nn.Linear, residual: Hidden,
     matmul (a binary post-op, before the result is rounded to bf16) instead of in a pass of
     its own."""
     if fused and not x.is_cuda and layer.bias is not None:
+        if residual.x32 is not None:
+            return _layer_norm32(residual.x32 + linear(x, layer, fused), norm, x.dtype)
         y = _onednn_linear.binary(x, residual.x, layer.weight, layer.bias, "add")
         return Hidden(F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps))
     return add_layer_norm(linear(x, layer, fused), residual, norm, fused)

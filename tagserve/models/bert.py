@@ -30,7 +30,7 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.get("layer_norm_eps", 1e-12))
         self.position_offset = position_offset
         self.fused = False  # set by the loader on 16-bit CUDA and bf16 CPU (layers/fused.py)
-        self.remainders = False  # set by `enable_remainders` (bf16 CUDA, `precise_residuals`)
+        self.precise_residuals = False  # set by the loader on fused bf16 (`precise_residuals`)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Hidden:
         # Single-segment inputs: token type 0 (and ERNIE task type 0) for every token.
@@ -39,7 +39,7 @@ class BertEmbeddings(nn.Module):
             input_ids, positions + self.position_offset, self.word_embeddings.weight,
             self.position_embeddings.weight, self.token_type_embeddings.weight[0],
             None if task is None else task.weight[0], self.LayerNorm, self.fused,
-            self.remainders)
+            self.precise_residuals)
 
 
 class BertLayer(nn.Module):
@@ -105,7 +105,7 @@ class BertModel(Backbone):
         hidden = self.embeddings(input_ids, positions)
         for layer in self.layers:
             hidden = layer(hidden, attn)
-        return hidden.x
+        return hidden.rows
 
     def map_weight(self, name: str) -> WeightTarget | None:
         name = name.replace(".gamma", ".weight").replace(".beta", ".bias")

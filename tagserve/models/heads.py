@@ -34,12 +34,12 @@ class TokenClassifier(nn.Module):
             if hasattr(module, "fused"):
                 module.fused = enabled
 
-    def enable_remainders(self, enabled: bool) -> None:
-        """Keep the residual stream's bf16 rounding remainders where a model has them
-        (`layers/layer_norm_kernel.py`; BERT-style encoders on fused bf16 CUDA)."""
+    def enable_precise_residuals(self, enabled: bool) -> None:
+        """Keep the residual stream more precise than bf16 where a model can (`Hidden` in
+        layers/fused.py; BERT-style encoders on fused bf16: remainders on CUDA, float32 on CPU)."""
         for module in self.modules():
-            if hasattr(module, "remainders"):
-                module.remainders = enabled
+            if hasattr(module, "precise_residuals"):
+                module.precise_residuals = enabled
 
     @property
     def num_labels(self) -> int:

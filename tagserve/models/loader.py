@@ -125,9 +125,8 @@ def build_model(model_config: ModelConfig, family: Family) -> TokenClassifier:
     fused = not model_config.enforce_eager \
         and fusion_supported(model_config.device, model_config.dtype)
     model.enable_fusion(fused)
-    model.enable_remainders(model_config.precise_residuals and fused
-                            and model_config.device.type == "cuda"
-                            and model_config.dtype == torch.bfloat16)
+    model.enable_precise_residuals(model_config.precise_residuals and fused
+                                   and model_config.dtype == torch.bfloat16)
     return model.eval().requires_grad_(False)
 
 
