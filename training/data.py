@@ -547,9 +547,14 @@ class Generator:
     """Deterministic stream of labelled examples for one split."""
 
     def __init__(self, split: str, seed: int, case_rate: float = 0.0,
-                 lead_rate: float = 0.0, word_opener_rate: float = 0.0) -> None:
+                 lead_rate: float = 0.0, word_opener_rate: float = 0.0,
+                 swap_rate: float = 0.12, noise_rate: float = 0.2) -> None:
         assert split in ("train", "heldout"), split
         self.split = split
+        # Training only (same draws at any value): share of name-like slots filled with another
+        # name-like type, and share of context words swapped for everyday words in the noisy
+        # examples (defaults: the stream of earlier runs).
+        self.swap_rate, self.noise_rate = swap_rate, noise_rate
         # Training only: share of examples opened by a capitalised everyday word and a colon,
         # comma or dash ("Budget:", "Morgen,"), labelled O (0: the stream of earlier runs).
         self.word_opener_rate = word_opener_rate if split == "train" else 0.0
@@ -658,7 +663,7 @@ class Generator:
         organisations among themselves, rarely any type), so that the context of a template
         does not decide the type on its own and the value has to be read."""
         rng, r = self.rng, self.rng.random()
-        if slot in NAME_SLOTS and r < 0.12:
+        if slot in NAME_SLOTS and r < self.swap_rate:
             return rng.choice(NAME_SLOTS)
         if SLOTS[slot][0] and r > 0.97:
             return rng.choice(ENTITY_SLOTS)
@@ -800,10 +805,11 @@ class Generator:
         return out + [(rng.choice((".", ".", "", "!", "?", ")", " /", ";", ":", "...")), None)]
 
     def noise(self, pieces: list[Piece], lang: str) -> list[Piece]:
-        """Replace ~20% of the context words by random common words (case kept)."""
+        """Replace a share ``noise_rate`` (20%) of the context words by random common words
+        (case kept)."""
         def swap(match: re.Match[str]) -> str:
             word = match.group(0)
-            if self.rng.random() >= 0.2:
+            if self.rng.random() >= self.noise_rate:
                 return word
             new = self.random_word(lang)
             if word.isupper() and len(word) > 1:

@@ -117,6 +117,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--piece-weight", type=float, default=1.0,
                    help="loss weight of word-continuation pieces ('##...'; 1 = plain mean "
                         "cross-entropy): the pieces of a split name got tags of their own")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="export an exponential moving average of the weights (decay per step, "
+                        "e.g. 0.998; 0 = the last weights)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -135,6 +138,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="training only: share of examples opened by a capitalised everyday "
                         "word and a colon, comma or dash, labelled O (unseen openers of the "
                         "held-out set were tagged as names or organisations)")
+    p.add_argument("--swap-rate", type=float, default=0.12,
+                   help="training only: share of name-like slots (person, organisation, place) "
+                        "filled with another name-like type, so that the value is read too")
+    p.add_argument("--noise-rate", type=float, default=0.2,
+                   help="training only: share of context words swapped for everyday words in "
+                        "the 60%% of training examples that get word noise")
     p.add_argument("--doc-rate", type=float, default=0.04,
                    help="share of training rows that are multi-sentence documents")
     p.add_argument("--shift-rate", type=float, default=0.3,
@@ -433,10 +442,12 @@ def train(model: BertForTokenClassification, rows: Sequence[tuple[list[int], lis
         for token, i in vocab.items():
             if token.startswith("##"):
                 piece_weight[i] = args.piece_weight
-    step, start, tokens, running = 0, time.time(), 0, 0.0
+    average = [p.detach().clone() for p in params] if args.ema else None
+    step, start, tokens, running = 0, time.time(), 0, torch.zeros((), device=device)
     while step < total:
         for ids, mask, labels in batches(rows, args.batch_size, pad_id, rng):
             positions = position_ids(ids.shape, rng, args.shift_rate)
+            tokens += int(mask.sum())
             ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16,
                                 enabled=args.precision == "bf16"):
@@ -453,16 +464,21 @@ def train(model: BertForTokenClassification, rows: Sequence[tuple[list[int], lis
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                torch._foreach_lerp_(average, [p.detach() for p in params], 1 - args.ema)
             step += 1
-            tokens += int(mask.sum())
-            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            # kept on the device: reading it every step would stall a GPU
+            value = loss.detach().float()
+            running = running.lerp(value, 0.02) if step > 1 else value
             if step % args.log_every == 0 or step == total:
                 elapsed = time.time() - start
                 lr = schedules[0].get_last_lr()[0]
-                print(f"step {step}/{total} loss {running:.4f} lr {lr:.2e}"
+                print(f"step {step}/{total} loss {running.item():.4f} lr {lr:.2e}"
                       f" {tokens / elapsed:.0f} tok/s elapsed {elapsed / 60:.1f} min", flush=True)
             if step >= total:
                 break
+    if average is not None:
+        torch._foreach_copy_([p.detach() for p in params], average)
     model.config._attn_implementation = "eager"
     model.eval()
 
@@ -708,7 +724,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     seed_everything(args.seed)
     t0 = time.time()
     train_set = D.Generator("train", args.seed, args.case_rate, args.lead_rate,
-                            args.word_opener_rate).take(args.train_size, args.doc_rate)
+                            args.word_opener_rate, args.swap_rate,
+                            args.noise_rate).take(args.train_size, args.doc_rate)
     heldout = D.Generator("heldout", args.seed + 1).take(args.heldout_size)
     natural = D.load_jsonl(args.natural)
     D.check_spans(natural)
