@@ -39,9 +39,46 @@ def ratio(x: float | None) -> str:
 def _find(result: WorkloadResult, corpus: str, system: str, mode: str,
           bucket: str | None = None) -> Measurement | None:
     for m in result.measurements:
-        if (m.corpus, m.system, m.mode, m.bucket) == (corpus, system, mode, bucket):
+        if (m.corpus, m.system, m.mode, m.bucket, m.round_no) == (corpus, system, mode, bucket,
+                                                                  None):
             return m
     return None
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _rounds_table(result: WorkloadResult) -> list[str]:
+    """Median tok/s per system over the interleaved rounds, and tagserve's ratio to each
+    peer taken within each round (median, then min-max)."""
+    rounds: dict[tuple[str, str], dict[int, float]] = {}
+    for m in result.measurements:
+        if m.round_no is not None:
+            rounds.setdefault((m.system, m.mode), {})[m.round_no] = m.tokens_per_s
+    if not rounds:
+        return []
+    count = 1 + max(r for by_round in rounds.values() for r in by_round)
+    lines = ["", f"Interleaved rounds (mixed corpus, {count} rounds, systems in turn; "
+             "ratios = tagserve / system within each round: median [min-max]):", "",
+             "| system | e2e tok/s (median) | model tok/s (median) | tagserve / it, e2e | "
+             "tagserve / it, model |", "|---|---:|---:|---:|---:|"]
+    for system, label in SYSTEMS.items():
+        cells = [label]
+        ratios = []
+        for mode in MODES:
+            mine = rounds.get((system, mode), {})
+            cells.append(rate(_median(list(mine.values())) if mine else None))
+            ours = rounds.get(("tagserve", mode), {})
+            per_round = [ours[r] / mine[r] for r in mine if r in ours]
+            ratios.append(f"{ratio(_median(per_round))} [{min(per_round):.2f}-"
+                          f"{max(per_round):.2f}]" if per_round and system != "tagserve"
+                          else "–")
+        if any(c != "–" for c in cells[1:]):
+            lines.append("| " + " | ".join(cells + ratios) + " |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------- markdown
@@ -175,7 +212,7 @@ def markdown(command: str, machine: dict[str, Any], peak: float, dtype: str,
         lines += [f"## {result.spec.name}: {result.spec.description}", "", _shape(result), ""]
         lines += [f"- {_corpus_line(k, v)}" for k, v in result.corpora.items()]
         lines += [""] + _main_table(result, peak) + [""]
-        lines += _search_lines(result)
+        lines += _search_lines(result) + _rounds_table(result)
         lines += _bucket_table(result) + _agreement_table(result) + [""]
     return "\n".join(lines)
 

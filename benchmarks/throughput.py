@@ -92,6 +92,7 @@ class Settings:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     precise_residuals: bool | None = None
+    rounds: int = 0  # extra interleaved rounds over the mixed corpus (`measure_rounds`)
     vllm_python: Path | None = None
     vllm_dtypes: tuple[str, ...] = ()
     smoke: bool = False
@@ -138,6 +139,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="tagserve's and vLLM's dtype (transformers keeps bf16 on cuda, fp32 on "
                         "cpu); e.g. bfloat16 on CPUs with AMX or AVX-512 bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="after the usual passes, this many rounds over the mixed corpus in "
+                        "which every system runs once in turn: per-round ratios for machines "
+                        "whose speed drifts")
     p.add_argument("--vllm-venv", help="CPU only: a venv with vLLM's CPU build, run as a peer")
     p.add_argument("--vllm-dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
                    help="vLLM's dtypes, each a peer of its own (default: tagserve's dtype)")
@@ -178,7 +183,7 @@ def make_settings(args: argparse.Namespace, argv: Sequence[str]) -> Settings:
         check_texts=pick("check_texts"), warmup_texts=defaults["warmup_texts"],
         matmul_size=defaults["matmul_size"], cache=args.cache, out=args.out,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        precise_residuals=args.precise_residuals, vllm_python=venv,
+        precise_residuals=args.precise_residuals, rounds=max(0, args.rounds), vllm_python=venv,
         vllm_dtypes=tuple(args.vllm_dtypes or ()), smoke=args.smoke,
         command=" ".join(shlex.quote(a) for a in ["python", "benchmarks/throughput.py", *argv]))
 
@@ -200,6 +205,7 @@ class Measurement:
     flops: float
     batch_size: int | None = None
     bucket: str | None = None
+    round_no: int | None = None  # set for the passes of `measure_rounds`
 
     @property
     def tokens_per_s(self) -> float:
@@ -228,14 +234,17 @@ class Recorder:
         self.on_add = on_add
 
     def add(self, system: str, mode: str, corpus: Corpus, seconds: float,
-            batch_size: int | None = None, bucket: str | None = None) -> Measurement:
+            batch_size: int | None = None, bucket: str | None = None,
+            round_no: int | None = None) -> Measurement:
         lengths = corpus.lengths
         m = Measurement(self.result.spec.name, corpus.name, system, mode, len(lengths),
                         int(lengths.sum()), seconds,
                         corpus_flops(lengths, self.result.spec, self.result.linear_params),
-                        batch_size, bucket)
+                        batch_size, bucket, round_no)
         self.result.measurements.append(m)
         where = f"{corpus.name}[{bucket}]" if bucket else corpus.name
+        if round_no is not None:
+            where += f" round {round_no + 1}"
         bs = f" bs={batch_size}" if batch_size else ""
         log(f"  {system:12s} {mode:5s} {where:18s} {m.tokens_per_s:12,.0f} tok/s "
             f"({seconds:.2f}s){bs}")
@@ -448,6 +457,49 @@ def measure_vllm(st: Settings, ckpt: Path, corpora: dict[str, Corpus], rec: Reco
             outs[f"{system}/{kind}"] = Outputs.from_argmax(result[kind]["argmax"])
 
 
+# ------------------------------------------------------------------------------------ rounds
+
+
+def best_batch_sizes(search: dict[str, dict[int, float]]) -> dict[str, int]:
+    """transformers' fastest batch size per mode, from its batch-size search."""
+    return {mode: max(rates, key=rates.__getitem__) for mode, rates in search.items()}
+
+
+def measure_rounds(st: Settings, ckpt: Path, corpus: Corpus, rec: Recorder,
+                   hf_sizes: dict[str, int]) -> None:
+    """`st.rounds` rounds over `corpus` in which every system runs its e2e and model passes
+    once, in an order that rotates from round to round. On a machine whose speed drifts by
+    more than the systems differ (this CPU box: up to 2x within minutes), ratios taken within
+    a round compare like with like; the report gives their median. vLLM runs in a fresh
+    subprocess each round (its load is not timed)."""
+    log(f"{st.rounds} interleaved rounds over {corpus.name}")
+    ts = TagserveSystem(ckpt, st, st.tagserve_dtype)
+    ts.encode(spread_sample(corpus, st.warmup_texts).texts)
+    hf = HFPeer(str(ckpt), st.device, st.dtype)
+    batches = hf.padded_batches(corpus.token_ids, hf_sizes["model"])
+    local = {
+        "tagserve": {"e2e": lambda: ts.encode(corpus.texts),
+                     "model": lambda: ts.encode(corpus.token_ids)},
+        "transformers": {"e2e": lambda: hf.run_end_to_end(corpus.texts, hf_sizes["e2e"]),
+                         "model": lambda: hf.run_model_only(batches)},
+    }
+    same = str(st.tagserve_dtype).removeprefix("torch.")
+    vllm = {("vllm" if d == same else f"vllm-{d}"): d
+            for d in (st.vllm_dtypes or (same,))} if st.vllm_python else {}
+    systems = [*local, *vllm]
+    payload = {corpus.name: {"texts": corpus.texts, "token_ids": corpus.token_ids}}
+    for r in range(st.rounds):
+        for system in systems[r % len(systems):] + systems[:r % len(systems)]:
+            if system in local:
+                for mode, fn in local[system].items():
+                    rec.add(system, mode, corpus, best_of(fn, 1, ts.sync)[0], round_no=r)
+                continue
+            result = run_vllm(st.vllm_python, ckpt, payload, 1, vllm[system], log=log)
+            for mode in ("e2e", "model") if result else ():
+                rec.add(system, mode, corpus, result[corpus.name][f"{mode}_seconds"],
+                        round_no=r)
+
+
 # ---------------------------------------------------------------------------------- workload
 
 
@@ -494,6 +546,9 @@ def run_workload(spec: WorkloadSpec, st: Settings, results: list[WorkloadResult]
     measure_transformers(st, ckpt, corpora, rec, outs, logits, result.search)
     if st.vllm_python is not None:
         measure_vllm(st, ckpt, corpora, rec, outs)
+    if st.rounds and "mixed" in corpora:
+        measure_rounds(st, ckpt, corpora["mixed"], rec, best_batch_sizes(result.search["mixed"]))
+        release(st.device)
     result.agreement = check_agreement(st, corpora, outs, logits)
     save(True)
 
