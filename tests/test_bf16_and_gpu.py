@@ -113,35 +113,20 @@ def _logits(path, prompts: list[str], device: str, **kwargs) -> torch.Tensor:
     return torch.cat([o.outputs.data.float() for o in out])
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_precise_residuals_closer_to_float32(make_checkpoint):
-    """`precise_residuals` (the default) keeps the bf16 residual stream's rounding remainders
-    on CUDA: the logits move closer to float32's. The gain grows with depth: mean error
-    1.10e-2 -> 1.01e-2 for this 2-layer model on the H200, 0.0155 -> 0.0090 for 12-layer W1."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_precise_residuals_closer_to_float32(make_checkpoint, device: str):
+    """`precise_residuals` (the default) keeps the bf16 residual stream more precise: its
+    rounding remainders on CUDA, float32 on CPU (where the head reads float32 rows too). The
+    logits move closer to float32's, more so with depth: on the H200 mean error 1.10e-2 ->
+    1.01e-2 for this 2-layer model, 0.0155 -> 0.0090 for 12-layer W1; on CPU W4a's argmax
+    agreement 99.86% -> 99.95%."""
     path = make_checkpoint("bert")
     prompts = sentences(64, seed=5)
-    assert LLM(str(path), device="cuda", dtype="bfloat16").llm_engine.runner.model \
+    assert LLM(str(path), device=device, dtype="bfloat16").llm_engine.runner.model \
         .backbone.embeddings.precise_residuals
-    ref = _logits(path, prompts, "cuda", dtype="float32")
-    plain = (_logits(path, prompts, "cuda", dtype="bfloat16", precise_residuals=False)
+    ref = _logits(path, prompts, device, dtype="float32")
+    plain = (_logits(path, prompts, device, dtype="bfloat16", precise_residuals=False)
              - ref).abs().mean()
-    precise = (_logits(path, prompts, "cuda", dtype="bfloat16") - ref).abs().mean()
-    print(f"bf16 mean |logit error|: {plain:.2e}, with precise_residuals {precise:.2e}")
-    assert precise < 0.95 * plain
-
-
-def test_precise_residuals_on_cpu(make_checkpoint):
-    """On CPU in bf16 the option keeps the residual stream in float32 (the GEMMs still read
-    bf16 rows) and the head reads float32 rows: the logits move closer to float32's
-    (W4a, 80k tokens: argmax agreement 99.86% -> 99.95%)."""
-    path = make_checkpoint("bert")
-    prompts = sentences(32, seed=6)
-    assert LLM(str(path), device="cpu", dtype="bfloat16").llm_engine.runner.model \
-        .backbone.embeddings.precise_residuals
-    ref = _logits(path, prompts, "cpu", dtype="float32")
-    plain = (_logits(path, prompts, "cpu", dtype="bfloat16", precise_residuals=False)
-             - ref).abs().mean()
-    precise = (_logits(path, prompts, "cpu", dtype="bfloat16") - ref).abs().mean()
-    print(f"CPU bf16 mean |logit error|: {plain:.2e}, with precise_residuals {precise:.2e}")
-    assert precise < 0.9 * plain
+    precise = (_logits(path, prompts, device, dtype="bfloat16") - ref).abs().mean()
+    print(f"{device} bf16 mean |logit error|: {plain:.2e}, with precise_residuals {precise:.2e}")
+    assert precise < {"cuda": 0.95, "cpu": 0.9}[device] * plain
