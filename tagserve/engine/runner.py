@@ -15,7 +15,12 @@ import torch
 from tagserve.engine.cuda_graphs import CapturedForward, CudaGraphs
 from tagserve.engine.request import Request
 from tagserve.engine.staging import PinnedPool, ResultArena
-from tagserve.layers.attention import AttentionMetadata, padded_layout, varlen_supported
+from tagserve.layers.attention import (
+    AttentionMetadata,
+    cpu_varlen_supported,
+    padded_layout,
+    varlen_supported,
+)
 from tagserve.layers.attention_kernel import work_items
 from tagserve.models.heads import TokenClassifier
 from tagserve.pooling import PooledRows, Pooler
@@ -116,7 +121,10 @@ class ModelRunner:
         self.graphs = graphs
         self.pooler = pooler
         self.device = device
-        self.use_varlen = varlen_supported(device, dtype)
+        head_dims = {m.head_dim for m in model.modules()
+                     if isinstance(getattr(m, "head_dim", None), int)}
+        self.use_varlen = (varlen_supported(device, dtype)
+                           or cpu_varlen_supported(device, dtype, head_dims))
         # Overlapping batch i+1's launch with batch i's results pays only on an async device.
         self.pipelined = device.type == "cuda"
         self.pinned = PinnedPool()

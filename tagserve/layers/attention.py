@@ -6,10 +6,12 @@ Three kernels, one interface (`packed_attention`):
 - CUDA with sliding windows or head sizes Triton's tiles do not take: torch's FA2 varlen kernel
   (the one behind `varlen_attn`, called directly: its Python wrapper costs ~0.3 ms a call on a
   slow host, and only torch >= 2.13's wrapper passes grouped k/v heads through);
-- CPU (and CUDA without varlen flash, or in float32): the runner lays the batch out in length
-  buckets, each padded to its longest member (at most 12.5% padding), so every bucket is one
-  dense SDPA call on a view of the activations (a key mask hides the padding): no
-  block-diagonal waste, no per-layer gathers, few kernel calls.
+- CPU with our C++ kernel (`cpu_attention.py`: bf16 on AMX, or fp32; compiled on first use):
+  packed like CUDA, no padding in attention nor in any GEMM;
+- otherwise (CPU without the kernel, CUDA without varlen flash or in float32): the runner lays
+  the batch out in length buckets, each padded to its longest member (at most 12.5% padding),
+  so every bucket is one dense SDPA call on a view of the activations (a key mask hides the
+  padding): no block-diagonal waste, no per-layer gathers, few kernel calls.
 
 A window is `(left, right)` as in flash attention: query i sees key j iff i-left <= j <= i+right,
 -1 meaning unbounded; `(-1, 0)` is causal.
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tagserve.layers import attention_kernel
+from tagserve.layers import attention_kernel, cpu_attention
 
 Window = tuple[int, int]
 FULL: Window = (-1, -1)
@@ -94,8 +96,9 @@ def padded_layout(seq_lens: list[int]) -> PaddedLayout:
 class AttentionMetadata:
     """Where each sequence lives in the batch; built once per batch, shared by all layers.
 
-    With flash varlen the batch is packed (`[T]` tokens). Otherwise it is laid out in padded
-    length buckets (`groups`), and `slots[t]` is where packed token t sits in that layout."""
+    With flash varlen (or our CPU kernel) the batch is packed (`[T]` tokens). Otherwise it is
+    laid out in padded length buckets (`groups`), and `slots[t]` is where packed token t sits
+    in that layout."""
 
     seq_lens: list[int]
     cu_seqlens: torch.Tensor  # [B+1] int32 on the model device
@@ -112,7 +115,7 @@ class AttentionMetadata:
               layout: PaddedLayout | None = None,
               work: torch.Tensor | None = None) -> AttentionMetadata:
         """`cu_seqlens [B+1]`: the sequences' start offsets, int32 on the model's device;
-        `layout`: the `padded_layout` of `seq_lens`, or None for flash varlen, with `work`
+        `layout`: the `padded_layout` of `seq_lens`, or None for varlen, with `work`
         the batch's `attention_kernel.work_items` on the device (or None)."""
         if layout is None:
             return cls(seq_lens, cu_seqlens, max(seq_lens), True, work=work)
@@ -152,9 +155,17 @@ def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
             and _HAS_FLASH_VARLEN)
 
 
+def cpu_varlen_supported(device: torch.device, dtype: torch.dtype, head_dims: set[int]) -> bool:
+    """Whether our CPU kernel runs packed batches of these head sizes (compiles it once)."""
+    return (device.type == "cpu" and bool(head_dims)
+            and all(cpu_attention.available(dtype, d) for d in head_dims))
+
+
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                      window: Window = FULL, scale: float | None = None) -> torch.Tensor:
     """Attention of `q [T, Hq, D]` over `k, v [T, Hkv, D]` within each packed sequence."""
+    if meta.use_varlen and q.device.type == "cpu":
+        return cpu_attention.varlen_attention(q, k, v, meta.cu_seqlens, window, scale)
     if meta.use_varlen and window in (FULL, CAUSAL) and attention_kernel.supported(q):
         return attention_kernel.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen,
                                                  window == CAUSAL, scale, work=meta.work)
