@@ -4,8 +4,9 @@
 // Phase 1 packs every (sequence, kv head, key block) once: K^T and V in the layout the GEMM
 // wants (VNNI pairs for bf16 on AMX), tails zero-padded to a multiple of the tile width.
 // Phase 2 runs one work item per (sequence, query head, block of query rows): S = Q K^T in
-// float32 (brgemm), online softmax in float32, P rounded to the input type, O += P V in
-// float32 (brgemm), O / l written out. Work items are split among threads by their cost.
+// float32 (brgemm), online softmax in float32, O += P V in float32 (brgemm; bf16 P as two
+// bf16 parts, high and remainder, unless split_p is off), O / l written out. Work items are
+// split among threads by their cost.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,7 +26,6 @@
 namespace {
 
 using at::BFloat16;
-using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kRowTile = 16;  // query rows are padded to whole AMX tile rows
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -196,8 +196,8 @@ struct Layout {
 
 template <typename T>
 void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-               const Layout& lay, int64_t left, int64_t right, float scale, int64_t block_m, int64_t block_n,
-               bool split_p) {
+               const Layout& lay, int64_t left, int64_t right, float scale, int64_t block_m,
+               int64_t block_n, bool split_p) {
   constexpr bool vnni = std::is_same_v<T, BFloat16>;
   const int64_t hq = q.size(1), hkv = k.size(1), d = q.size(2), group = hq / hkv;
   const int64_t batch = static_cast<int64_t>(lay.starts.size()) - 1;
@@ -224,9 +224,9 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
       const int64_t n = std::min(block_n, lay.starts[b + 1] - lay.starts[b] - k0);
       const int64_t n_pad = round_up(n, col_tile<T>());
       const int64_t row = lay.starts[b] + k0;
-      const int64_t at = (g * padded + lay.pad_base[b] + k0) * d;
-      pack_keys(kp + row * ks0 + g * ks1, ks0, n, n_pad, d, kb + at);
-      pack_values(vp + row * vs0 + g * vs1, vs0, n, n_pad, d, vb + at);
+      const int64_t off = (g * padded + lay.pad_base[b] + k0) * d;
+      pack_keys(kp + row * ks0 + g * ks1, ks0, n, n_pad, d, kb + off);
+      pack_values(vp + row * vs0 + g * vs1, vs0, n, n_pad, d, vb + off);
     }
   });
 
@@ -275,9 +275,9 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
       const auto [k_lo, k_hi] = key_range(q0, rows, len, left, right, block_n);
       for (int64_t k0 = k_lo; k0 < k_hi; k0 += block_n) {
         const int64_t n = std::min(block_n, len - k0), n_pad = round_up(n, col_tile<T>());
-        const int64_t at = (g * padded + lay.pad_base[b] + k0) * d;
-        const T* kt = kb + at;
-        const T* vt = vb + at;
+        const int64_t off = (g * padded + lay.pad_base[b] + k0) * d;
+        const T* kt = kb + off;
+        const T* vt = vb + off;
         at::native::cpublas::brgemm(m_pad, n_pad, d, d, n_pad, n_pad, false, qbuf, kt,
                                     s, vnni);
         for (int64_t r = 0; r < m_pad; ++r) {
@@ -289,8 +289,9 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
                                           p_lo ? p_lo + r * n_pad : nullptr);
           if (k0 > k_lo) {
             float* orow = o + r * d;
-            for (int64_t j = 0; j < d; j += Vec::size())
-              (Vec::loadu(orow + j) * Vec(alpha)).store(orow + j);
+            for (int64_t j = 0; j < d; j += 16)
+              _mm512_storeu_ps(orow + j, _mm512_mul_ps(_mm512_loadu_ps(orow + j),
+                                                       _mm512_set1_ps(alpha)));
           }
         }
         at::native::cpublas::brgemm(m_pad, d, n_pad, n_pad, d, d, k0 > k_lo, p, vt,
@@ -302,7 +303,7 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
         const float inv = 1.0f / row_sum[r];
         const float* orow = o + r * d;
         T* dst = op + ((start + q0 + r) * hq + h) * d;
-        for (int64_t j = 0; j < d; j += Vec::size()) {
+        for (int64_t j = 0; j < d; j += 16) {
           store(_mm512_mul_ps(_mm512_loadu_ps(orow + j), _mm512_set1_ps(inv)), dst + j);
         }
       }
@@ -312,8 +313,8 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
 }
 
 at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& cu_seqlens, int64_t left, int64_t right, double scale,
-                            int64_t block_m, int64_t block_n, bool split_p) {
+                            const at::Tensor& cu_seqlens, int64_t left, int64_t right,
+                            double scale, int64_t block_m, int64_t block_n, bool split_p) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [T, heads, D]");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
               cu_seqlens.device().is_cpu(), "CPU tensors only");
