@@ -10,8 +10,8 @@ layout. Grouped k/v heads, causal masks and sliding windows are handled in place
 
 Measured on a 2-core Xeon with AMX (bf16, 8 heads x 64, equal-length batches, useful GF/s,
 noisy machine): on par with torch's CPU flash kernel up to ~256 tokens, 2-2.5x at 502; with no
-padding in any GEMM either, `LLM.encode` of the W4a/W4b corpora runs +21% / +11% (medians)
-in bf16 and +10% in float32 (`benchmarks/RESULTS.md`).
+padding in any GEMM either, `LLM.encode` of the W4a/W4b corpora runs +21-26% / +4-11%
+(medians) in bf16 and +10% (W4a) in float32 (`benchmarks/RESULTS.md`).
 
 Compiled on first use with the system's C++ compiler (`-O3 -march=native`, cached under
 torch's extensions dir by source, torch version and CPU); without a compiler, AMX (for bf16)
@@ -121,7 +121,10 @@ def available(dtype: torch.dtype, head_dim: int) -> bool:
 
 @functools.cache
 def _amx() -> bool:
-    return bool(torch.ops.tagserve_cpu.amx_bf16())
+    if torch.ops.tagserve_cpu.amx_bf16():
+        return True
+    logger.warning("CPU attention kernel needs AMX for bfloat16; using torch's SDPA")
+    return False
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
