@@ -30,8 +30,9 @@ from tagserve.pooling import PooledRows, Pooler
 class PackedBatch:
     """All tokens of a batch in one row: `input_ids`, `positions`, lengths per sequence.
 
-    Without flash varlen the rows follow the attention's padded bucket layout, and
-    `real_rows [T]` picks the real tokens (in packed order) out of the model's output.
+    Without varlen attention (flash on CUDA, our kernel on CPU) the rows follow the padded
+    bucket layout of the attention, and `real_rows [T]` picks the real tokens (in packed
+    order) out of the model's output.
     `token_ids [T]` are the packed ids either way. `staging`: pinned buffers the batch's
     host-to-device copy reads from (CUDA), free for reuse once the batch has run."""
 
@@ -80,7 +81,7 @@ def rows_to_host(rows: torch.Tensor, pooled: PooledRows, arena: ResultArena) -> 
 
 def pack(requests: list[Request], device: torch.device, use_varlen: bool, pool: PinnedPool,
          graph: CapturedForward | None = None) -> PackedBatch:
-    """The batch's tensors on the device: packed for flash varlen, laid out in padded length
+    """The batch's tensors on the device: packed for varlen attention, laid out in padded length
     buckets otherwise, or written into a CUDA graph's static inputs."""
     seq_lens = [r.num_tokens for r in requests]
     lens = np.asarray(seq_lens, dtype=np.int64)

@@ -1,6 +1,6 @@
 """Attention over a packed batch: tokens of all sequences in one `[T, heads, head_dim]` tensor.
 
-Three kernels, one interface (`packed_attention`):
+Four kernels, one interface (`packed_attention`):
 - CUDA: our Triton flash attention for variable-length sequences (`attention_kernel.py`,
   1.4-2.5x torch's FA2 on the H200), no padding at all;
 - CUDA with sliding windows or head sizes Triton's tiles do not take: torch's FA2 varlen kernel

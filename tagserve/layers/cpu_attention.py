@@ -76,6 +76,7 @@ def _build() -> Path:
                "-DCPU_CAPABILITY_AVX512", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
                *(f"-I{p}" for p in cpp_ext.include_paths()), f"-L{torch_lib}",
                f"-Wl,-rpath,{torch_lib}", "-ltorch_cpu", "-lc10"]
+        logger.info("compiling %s (once per machine, ~15-20 s)", _SOURCE.name)
         start = time.perf_counter()
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
