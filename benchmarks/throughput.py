@@ -439,14 +439,22 @@ def measure_transformers(st: Settings, ckpt: Path, corpora: dict[str, Corpus], r
 # -------------------------------------------------------------------------------------- vLLM
 
 
+def vllm_systems(st: Settings) -> dict[str, str]:
+    """vLLM peers by system name: {"vllm": tagserve's dtype, "vllm-float32": ...}. vLLM has a
+    bf16 CPU path too, so by default it runs in tagserve's dtype: same precision, same work.
+    Other dtypes are extra peers."""
+    same = str(st.tagserve_dtype).removeprefix("torch.")
+    return {("vllm" if d == same else f"vllm-{d}"): d for d in st.vllm_dtypes or (same,)}
+
+
+def vllm_payload(corpora: dict[str, Corpus]) -> dict[str, dict[str, Any]]:
+    return {k: {"texts": c.texts, "token_ids": c.token_ids} for k, c in corpora.items()}
+
+
 def measure_vllm(st: Settings, ckpt: Path, corpora: dict[str, Corpus], rec: Recorder,
                  outs: dict[str, Outputs]) -> None:
-    # vLLM has a bf16 CPU path too, so by default it runs in tagserve's dtype: same precision,
-    # same work. Other dtypes are extra peers ("vllm-float32").
-    same = str(st.tagserve_dtype).removeprefix("torch.")
-    payload = {k: {"texts": c.texts, "token_ids": c.token_ids} for k, c in corpora.items()}
-    for dtype in st.vllm_dtypes or (same,):
-        system = "vllm" if dtype == same else f"vllm-{dtype}"
+    payload = vllm_payload(corpora)
+    for system, dtype in vllm_systems(st).items():
         log(f"vLLM CPU ({dtype}, subprocess)")
         result = run_vllm(st.vllm_python, ckpt, payload, st.repeat, dtype, log=log)
         if result is None:
@@ -483,11 +491,9 @@ def measure_rounds(st: Settings, ckpt: Path, corpus: Corpus, rec: Recorder,
         "transformers": {"e2e": lambda: hf.run_end_to_end(corpus.texts, hf_sizes["e2e"]),
                          "model": lambda: hf.run_model_only(batches)},
     }
-    same = str(st.tagserve_dtype).removeprefix("torch.")
-    vllm = {("vllm" if d == same else f"vllm-{d}"): d
-            for d in (st.vllm_dtypes or (same,))} if st.vllm_python else {}
+    vllm = vllm_systems(st) if st.vllm_python else {}
     systems = [*local, *vllm]
-    payload = {corpus.name: {"texts": corpus.texts, "token_ids": corpus.token_ids}}
+    payload = vllm_payload({corpus.name: corpus})
     for r in range(st.rounds):
         for system in systems[r % len(systems):] + systems[:r % len(systems)]:
             if system in local:

@@ -132,20 +132,20 @@ def add_layer_norm(x: torch.Tensor, residual: Hidden, norm: nn.LayerNorm,
 def embedding_layer_norm(input_ids: torch.Tensor, positions: torch.Tensor, word: torch.Tensor,
                          position: torch.Tensor, token_type: torch.Tensor,
                          task_type: torch.Tensor | None, norm: nn.LayerNorm,
-                         fused: bool, remainders: bool = False) -> Hidden:
+                         fused: bool, precise: bool = False) -> Hidden:
     """`LayerNorm(word[ids] + token_type + position[positions] (+ task_type))`: BERT's
     embeddings, one Triton kernel when fused on CUDA (eagerly two gathers, three adds and the
-    norm: 0.42 ms per 64k-token W1 batch on the H200; compiled 0.05 ms). With `remainders`
-    (bf16 only) it starts the residual stream's remainders (CUDA) or float32 copy (CPU),
-    which the add + LayerNorms pass on."""
-    if fused and remainders and not word.is_cuda:
+    norm: 0.42 ms per 64k-token W1 batch on the H200; compiled 0.05 ms). With `precise`
+    (bf16, `precise_residuals`) it starts the residual stream's remainders (CUDA) or float32
+    copy (CPU), which the add + LayerNorms pass on."""
+    if fused and precise and not word.is_cuda:
         x = _embedding_sum(input_ids, positions, word, position, token_type.float(), task_type)
         return _layer_norm32(x, norm, word.dtype)
     if fused and layer_norm_kernel.available(word):
         extra = token_type.float() if task_type is None else token_type.float() + task_type
         return Hidden(*layer_norm_kernel.embedding_layer_norm(
             input_ids, positions, word, position, extra, norm.weight, norm.bias, norm.eps,
-            remainders=remainders))
+            remainders=precise))
     return Hidden(_maybe_compiled(_embedding_layer_norm, fused, word)(
         input_ids, positions, word, position, token_type, task_type, norm.weight, norm.bias,
         norm.eps))
