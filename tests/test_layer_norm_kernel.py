@@ -58,6 +58,15 @@ def test_embedding_layer_norm(tokens, width):
     assert_remainders(got, lo, want)
 
 
+def test_column_parts():
+    """Rows split into a power of two and the rest padded to one: exact for BERT widths."""
+    assert layer_norm_kernel.column_parts(768) == (512, 256)
+    assert layer_norm_kernel.column_parts(1024) == (1024, 0)
+    assert layer_norm_kernel.column_parts(96) == (64, 32)
+    assert layer_norm_kernel.column_parts(3584) == (2048, 2048)
+    assert layer_norm_kernel.column_parts(1) == (1, 0)
+
+
 def unit(x: torch.Tensor) -> torch.Tensor:
     """A remainder's unit: 2**-15 of the leading power of two of each (bf16) value."""
     _, exponent = torch.frexp(x.float())

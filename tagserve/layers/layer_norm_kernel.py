@@ -3,10 +3,11 @@
 Post-LayerNorm encoders run `LayerNorm(x + residual)` twice a layer and
 `LayerNorm(word[id] + position[pos] + token_type)` once a batch. Each program owns `ROWS`
 rows: it loads (or gathers) the summands, adds them in float32, normalises in float32 and
-rounds once to the output dtype. On the H200 a 64k x 768 bf16 add + LayerNorm takes 74 us, the
-same as Inductor's compiled kernel, but a launch costs the host ~20-40 us instead of the
-~130-180 us of a compiled region's guards and wrapper (24 a BERT-base batch), which is what
-holds short inputs back when the host feeds the GPU.
+rounds once to the output dtype. A row is held in two power-of-two column parts
+(`column_parts`: 768 = 512 + 256), so no lane computes on padding. On the H200 a 64k x 768
+bf16 add + LayerNorm takes 73-76 us, Inductor's time, but a launch costs the host ~20-40 us
+instead of the ~130-180 us of a compiled region's guards and wrapper (24 a BERT-base batch),
+which is what holds short inputs back when the host feeds the GPU.
 
 Remainders: the output rounded to bf16 is what the next GEMM reads, but as the next residual
 it loses 8 bits a LayerNorm, 25 times in BERT-base: most of bf16's argmax flips against
@@ -26,9 +27,11 @@ try:
 except ImportError:  # CPU builds of torch ship without Triton
     triton = None
 
-# (rows a program, warps) without and with remainders. H200, 65536 x 768 bf16 add + LayerNorm:
-# 72.6 us at (4, 8) (1, 2) or (2, 2); with remainders 114 us at (4, 8), 111 us at (2, 2).
-_SHAPES = {False: (4, 8), True: (2, 2)}
+# (rows a program, warps) without and with remainders. H200, 65536 x 768 bf16 add + LayerNorm
+# in two column parts (512 + 256): 76.0 us at (1, 1), 78-95 at (2, 2) to (8, 8); with
+# remainders 100.8 us at (1, 1), 101-122 at the others. One 1,024-wide block took 76 us and
+# 110.6 us at its best (1, 1) on the same GPU: its masked quarter costs only the arithmetic.
+_SHAPES = {False: (1, 1), True: (1, 1)}
 
 
 def available(x: torch.Tensor) -> bool:
@@ -52,13 +55,11 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _normalize_store(x, rows, row_ok, cols, col_ok, w_ptr, b_ptr, o_ptr, lo_ptr, eps,
-                         N: tl.constexpr, LO_OUT: tl.constexpr):
-        """LayerNorm of the float32 rows `x [ROWS, BLOCK]` into `o_ptr` (row stride N) and,
-        with LO_OUT, the rounding remainders into `lo_ptr`."""
-        mean = tl.sum(x, 1) / N
-        centred = tl.where(col_ok[None, :], x - mean[:, None], 0.0)
-        inv_std = tl.rsqrt(tl.sum(centred * centred, 1) / N + eps)
+    def _scale_store(centred, inv_std, rows, row_ok, cols, w_ptr, b_ptr, o_ptr, lo_ptr,
+                     N: tl.constexpr, LO_OUT: tl.constexpr):
+        """Scale, shift and store one column part of the normalised rows (and, with LO_OUT,
+        the rounding remainders)."""
+        col_ok = cols < N
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = centred * inv_std[:, None] * w[None, :] + b[None, :]
@@ -75,13 +76,35 @@ if triton is not None:
             tl.store(lo_ptr + offsets, shifted.to(tl.int8), mask=mask)
 
     @triton.jit
-    def _add_layer_norm(x_ptr, r_ptr, r_lo_ptr, w_ptr, b_ptr, o_ptr, lo_ptr, eps, n_rows,
-                        N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                        LO_IN: tl.constexpr, LO_OUT: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        row_ok, col_ok = rows < n_rows, cols < N
-        mask = row_ok[:, None] & col_ok[None, :]
+    def _normalize_store(xa, xb, rows, row_ok, w_ptr, b_ptr, o_ptr, lo_ptr, eps,
+                         N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                         LO_OUT: tl.constexpr):
+        """LayerNorm of float32 rows held in two column parts, `xa [ROWS, BLOCK_A]` (columns
+        0..BLOCK_A, all inside the row) and, when BLOCK_B > 0, `xb [ROWS, BLOCK_B]` (the rest,
+        zero past N), into `o_ptr` (row stride N) and `lo_ptr`."""
+        cols_a = tl.arange(0, BLOCK_A)
+        total = tl.sum(xa, 1)
+        if BLOCK_B > 0:
+            cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+            total += tl.sum(xb, 1)
+        mean = total / N
+        centred_a = xa - mean[:, None]
+        squares = tl.sum(centred_a * centred_a, 1)
+        if BLOCK_B > 0:
+            centred_b = tl.where((cols_b < N)[None, :], xb - mean[:, None], 0.0)
+            squares += tl.sum(centred_b * centred_b, 1)
+        inv_std = tl.rsqrt(squares / N + eps)
+        _scale_store(centred_a, inv_std, rows, row_ok, cols_a, w_ptr, b_ptr, o_ptr, lo_ptr, N,
+                     LO_OUT)
+        if BLOCK_B > 0:
+            _scale_store(centred_b, inv_std, rows, row_ok, cols_b, w_ptr, b_ptr, o_ptr, lo_ptr,
+                         N, LO_OUT)
+
+    @triton.jit
+    def _residual_sum(x_ptr, r_ptr, r_lo_ptr, rows, row_ok, cols, N: tl.constexpr,
+                      LO_IN: tl.constexpr):
+        """`x + residual (+ its remainders)` in float32 for one column part of the rows."""
+        mask = row_ok[:, None] & (cols < N)[None, :]
         offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
         residual = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + residual
@@ -89,33 +112,67 @@ if triton is not None:
             lo = tl.load(r_lo_ptr + offsets, mask=mask, other=0).to(tl.int32)
             count = (lo + _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
             x += count * _unit(residual, False)
-        _normalize_store(x, rows, row_ok, cols, col_ok, w_ptr, b_ptr, o_ptr, lo_ptr, eps, N,
-                         LO_OUT)
+        return x
 
     @triton.jit
-    def _embedding_layer_norm(ids_ptr, pos_ptr, word_ptr, position_ptr, extra_ptr, w_ptr, b_ptr,
-                              o_ptr, lo_ptr, eps, n_rows, N: tl.constexpr, BLOCK: tl.constexpr,
-                              ROWS: tl.constexpr, LO_OUT: tl.constexpr):
+    def _add_layer_norm(x_ptr, r_ptr, r_lo_ptr, w_ptr, b_ptr, o_ptr, lo_ptr, eps, n_rows,
+                        N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                        ROWS: tl.constexpr, LO_IN: tl.constexpr, LO_OUT: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        row_ok, col_ok = rows < n_rows, cols < N
+        row_ok = rows < n_rows
+        xa = _residual_sum(x_ptr, r_ptr, r_lo_ptr, rows, row_ok, tl.arange(0, BLOCK_A), N, LO_IN)
+        xb = xa
+        if BLOCK_B > 0:
+            xb = _residual_sum(x_ptr, r_ptr, r_lo_ptr, rows, row_ok,
+                               BLOCK_A + tl.arange(0, BLOCK_B), N, LO_IN)
+        _normalize_store(xa, xb, rows, row_ok, w_ptr, b_ptr, o_ptr, lo_ptr, eps, N, BLOCK_A,
+                         BLOCK_B, LO_OUT)
+
+    @triton.jit
+    def _embedding_sum(ids, pos, row_ok, cols, word_ptr, position_ptr, extra_ptr,
+                       N: tl.constexpr):
+        """`word[ids] + position[pos] + extra` in float32 for one column part of the rows."""
+        col_ok = cols < N
         mask = row_ok[:, None] & col_ok[None, :]
-        ids = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         x = tl.load(word_ptr + ids[:, None] * N + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         x += tl.load(position_ptr + pos[:, None] * N + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
-        x += tl.load(extra_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        _normalize_store(x, rows, row_ok, cols, col_ok, w_ptr, b_ptr, o_ptr, lo_ptr, eps, N,
-                         LO_OUT)
+        return x + tl.load(extra_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    @triton.jit
+    def _embedding_layer_norm(ids_ptr, pos_ptr, word_ptr, position_ptr, extra_ptr, w_ptr, b_ptr,
+                              o_ptr, lo_ptr, eps, n_rows, N: tl.constexpr,
+                              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                              ROWS: tl.constexpr, LO_OUT: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        ids = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        xa = _embedding_sum(ids, pos, row_ok, tl.arange(0, BLOCK_A), word_ptr, position_ptr,
+                            extra_ptr, N)
+        xb = xa
+        if BLOCK_B > 0:
+            xb = _embedding_sum(ids, pos, row_ok, BLOCK_A + tl.arange(0, BLOCK_B), word_ptr,
+                                position_ptr, extra_ptr, N)
+        _normalize_store(xa, xb, rows, row_ok, w_ptr, b_ptr, o_ptr, lo_ptr, eps, N, BLOCK_A,
+                         BLOCK_B, LO_OUT)
+
+
+def column_parts(width: int) -> tuple[int, int]:
+    """A row of `width` as two power-of-two parts: the largest that fits, and the rest padded
+    to a power of two (0 when none is left). 768 = 512 + 256: no lane idles, where one
+    1,024-wide block would leave a quarter of them masked."""
+    head = 1 << (width.bit_length() - 1)
+    rest = width - head
+    return head, 1 << (rest - 1).bit_length() if rest else 0
 
 
 def _launch(kernel, n_rows: int, width: int, *args, **flags: bool) -> None:
     rows, warps = _SHAPES[flags["LO_OUT"]]
-    kernel[(triton.cdiv(n_rows, rows),)](*args, n_rows, N=width,
-                                         BLOCK=triton.next_power_of_2(width), ROWS=rows,
-                                         num_warps=warps, **flags)
+    block_a, block_b = column_parts(width)
+    kernel[(triton.cdiv(n_rows, rows),)](*args, n_rows, N=width, BLOCK_A=block_a,
+                                         BLOCK_B=block_b, ROWS=rows, num_warps=warps, **flags)
 
 
 def _remainders_of(out: torch.Tensor, wanted: bool) -> torch.Tensor | None:
