@@ -150,6 +150,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="share of batches whose position ids get a random offset, so that "
                         "all 512 position embeddings are trained")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-seed", type=int, default=None,
+                   help="seed of the held-out set (default: --seed + 1), so that runs of "
+                        "other training seeds can be scored on the same held-out set")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
@@ -641,8 +644,11 @@ def rescore(out: Path, args: argparse.Namespace) -> dict[str, object]:
     config["tagserve_ner_decoding"] = dict(RECOMMENDED_DECODING)
     # transformers' layout: top-level keys sorted, id2label/label2id in label order
     config_path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
-    seed = int(metrics.get("args", {}).get("seed", args.seed))
-    heldout = D.Generator("heldout", seed + 1).take(int(metrics["heldout"]["sentences"]))
+    run_args = metrics.get("args", {})
+    seed = int(run_args.get("seed", args.seed))
+    heldout_seed = run_args.get("heldout_seed", "None")
+    heldout_seed = seed + 1 if heldout_seed == "None" else int(heldout_seed)
+    heldout = D.Generator("heldout", heldout_seed).take(int(metrics["heldout"]["sentences"]))
     natural = D.load_jsonl(args.natural)
     metrics["token_metric"] = TOKEN_METRIC
     metrics["pipeline"] = evaluate_pipeline(out, {"heldout": heldout, "natural": natural})
@@ -726,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     train_set = D.Generator("train", args.seed, args.case_rate, args.lead_rate,
                             args.word_opener_rate, args.swap_rate,
                             args.noise_rate).take(args.train_size, args.doc_rate)
-    heldout = D.Generator("heldout", args.seed + 1).take(args.heldout_size)
+    heldout_seed = args.seed + 1 if args.heldout_seed is None else args.heldout_seed
+    heldout = D.Generator("heldout", heldout_seed).take(args.heldout_size)
     natural = D.load_jsonl(args.natural)
     D.check_spans(natural)
     print(f"data: {len(train_set)} train, {len(heldout)} held-out, {len(natural)} natural "
