@@ -27,11 +27,11 @@ try:
 except ImportError:  # CPU builds of torch ship without Triton
     triton = None
 
-# (rows a program, warps) without and with remainders. H200, 65536 x 768 bf16 add + LayerNorm
-# in two column parts (512 + 256): 76.0 us at (1, 1), 78-95 at (2, 2) to (8, 8); with
-# remainders 100.8 us at (1, 1), 101-122 at the others. One 1,024-wide block took 76 us and
-# 110.6 us at its best (1, 1) on the same GPU: its masked quarter costs only the arithmetic.
-_SHAPES = {False: (1, 1), True: (1, 1)}
+# Rows a program and warps. H200, 65536 x 768 bf16 add + LayerNorm in two column parts
+# (512 + 256): 76.0 us at (1, 1), 78-95 at (2, 2) to (8, 8); with remainders 100.8 us at
+# (1, 1), 101-122 at the others. One 1,024-wide block took 76 us and 110.6 us at its best
+# (1, 1) on the same GPU: its masked quarter costs only the arithmetic.
+_ROWS, _WARPS = 1, 1
 
 
 def available(x: torch.Tensor) -> bool:
@@ -169,10 +169,10 @@ def column_parts(width: int) -> tuple[int, int]:
 
 
 def _launch(kernel, n_rows: int, width: int, *args, **flags: bool) -> None:
-    rows, warps = _SHAPES[flags["LO_OUT"]]
     block_a, block_b = column_parts(width)
-    kernel[(triton.cdiv(n_rows, rows),)](*args, n_rows, N=width, BLOCK_A=block_a,
-                                         BLOCK_B=block_b, ROWS=rows, num_warps=warps, **flags)
+    kernel[(triton.cdiv(n_rows, _ROWS),)](*args, n_rows, N=width, BLOCK_A=block_a,
+                                          BLOCK_B=block_b, ROWS=_ROWS, num_warps=_WARPS,
+                                          **flags)
 
 
 def _remainders_of(out: torch.Tensor, wanted: bool) -> torch.Tensor | None:
