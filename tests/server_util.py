@@ -1,4 +1,5 @@
-"""Helpers shared by the server tests: a real `tagserve serve` process and vLLM's error shape."""
+"""Helpers shared by the server tests: an in-process client, a real `tagserve serve` process
+and vLLM's error shape."""
 
 from __future__ import annotations
 
@@ -10,11 +11,24 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
+from fastapi.testclient import TestClient
+
+from tagserve.engine.async_engine import AsyncEngine
+from tagserve.server.app import build_app
+from tagserve.server.settings import ServerSettings
 
 REPO = Path(__file__).parents[1]
 STARTUP_TIMEOUT = 90.0
+
+
+def make_client(engine: AsyncEngine, **settings: Any) -> TestClient:
+    """An in-process client of the app over `engine`, serving it as "bert"; server errors
+    come back as responses."""
+    app = build_app(engine, ServerSettings(served_model_names=["bert"], **settings))
+    return TestClient(app, raise_server_exceptions=False)
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from tagserve.server.encoding import EMBED_DTYPES, float_json
 from tagserve.server.routes.pooling import FastPoolingMiddleware
 from tagserve.server.settings import ServerSettings
 
-from server_util import assert_error, error_of
+from server_util import assert_error, error_of, make_client
 
 GOLDEN = Path(__file__).parents[2] / "shared" / "golden"
 MAX_MODEL_LEN = 512
@@ -55,11 +55,6 @@ def engine(ckpt):
 @pytest.fixture(scope="module")
 def llm(ckpt) -> LLM:
     return LLM(str(ckpt))
-
-
-def make_client(engine: AsyncEngine, **settings: Any) -> TestClient:
-    app = build_app(engine, ServerSettings(served_model_names=["bert"], **settings))
-    return TestClient(app, raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from tagserve.server.ner_protocol import NerResponse, RedactResponse
 from tagserve.server.settings import ServerSettings
 
 from json_close import assert_json_close
-from server_util import assert_error, error_of
+from server_util import assert_error, error_of, make_client
 
 TEXTS = ["Alice moved to Paris in 1999.", "Did Bob pay €20 for the café in Zürich?!", "Paris"]
 WORDS = [["Alice", "moved", "to", "Paris"], ["Bob", "met", "Zoë", "in", "Zürich", "."]]
@@ -46,11 +46,6 @@ def engine(ckpt):
 @pytest.fixture(scope="module")
 def llm(ckpt) -> LLM:
     return LLM(ckpt)
-
-
-def make_client(engine: AsyncEngine, **settings: Any) -> TestClient:
-    app = build_app(engine, ServerSettings(served_model_names=["bert"], **settings))
-    return TestClient(app, raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
