@@ -265,7 +265,9 @@ def add_ner_arguments(parser: argparse.ArgumentParser) -> None:
                           "that opens an entity becomes B-) or viterbi (the best valid label "
                           "sequence); default: the model's recommended decoding (the bundled "
                           "model: viterbi), else none.")
-    ner.add_argument("--threshold", type=float, help="Drop entities scoring below it.")
+    ner.add_argument("--threshold", type=float,
+                     help="Drop entities scoring below it (default: the model's recommended "
+                          "decoding's, else none; 0 keeps all).")
     ner.add_argument("--labels", nargs="+", metavar="LABEL", help="Keep only these labels.")
     ner.add_argument("--stride", type=int,
                      help="Tag long texts whole, in windows overlapping by this many tokens "
@@ -290,7 +292,7 @@ def entity_table(text: str, entities: list[dict[str, Any]]) -> str:
 
 def ner_options(args: argparse.Namespace, hf_config: HFConfig) -> NerOptions:
     """`tagserve ner`'s options: the flags given, the model's recommended decoding
-    (`recommended_decoding`) for the strategy and BIO decoding left out."""
+    (`recommended_decoding`) for the strategy, BIO decoding and threshold left out."""
     from tagserve.postprocess.ner import NerOptions, recommended_decoding
 
     decoding = recommended_decoding(hf_config)
@@ -298,8 +300,9 @@ def ner_options(args: argparse.Namespace, hf_config: HFConfig) -> NerOptions:
         decoding["aggregation_strategy"] = args.aggregation_strategy
     if args.bio is not None:
         decoding["bio"] = None if args.bio == "none" else args.bio
-    return NerOptions.create(**decoding, threshold=args.threshold, labels=args.labels,
-                             stride=args.stride)
+    if args.threshold is not None:
+        decoding["threshold"] = args.threshold
+    return NerOptions.create(**decoding, labels=args.labels, stride=args.stride)
 
 
 def run_ner_command(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from tagserve.server.app import build_app
 from tagserve.server.settings import ServerSettings
 
 TEXT = "Alice moved to Paris in 1999 and met Bob Smith in Zürich."
-DECODING = {"aggregation_strategy": "average", "bio": "viterbi"}
+DECODING = {"aggregation_strategy": "average", "bio": "viterbi", "threshold": 0.4}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,15 @@ def llm(ckpt) -> LLM:
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
-    (None, {"aggregation_strategy": "simple", "bio": None}),
+    (None, {"aggregation_strategy": "simple", "bio": None, "threshold": None}),
     ({"aggregation_strategy": "first", "bio": "viterbi"},
-     {"aggregation_strategy": "first", "bio": "viterbi"}),
-    ({"aggregation_strategy": "max"}, {"aggregation_strategy": "max", "bio": None}),
-    ({"bio": "repair"}, {"aggregation_strategy": "simple", "bio": "repair"}),
+     {"aggregation_strategy": "first", "bio": "viterbi", "threshold": None}),
+    ({"aggregation_strategy": "max"}, {"aggregation_strategy": "max", "bio": None,
+                                       "threshold": None}),
+    ({"bio": "repair", "threshold": 1}, {"aggregation_strategy": "simple", "bio": "repair",
+                                         "threshold": 1.0}),
+    ({"aggregation_strategy": "first", "threshold": 0.55},
+     {"aggregation_strategy": "first", "bio": None, "threshold": 0.55}),
 ])
 def test_recommended_decoding(entry, expected):
     data: dict[str, Any] = {"id2label": {"0": "O"}}
@@ -49,28 +53,35 @@ def test_recommended_decoding(entry, expected):
 @pytest.mark.parametrize("entry", [
     {"aggregation_strategy": "firsts", "bio": "viterbi"},
     {"aggregation_strategy": "first", "bio": "crf"},
+    {"aggregation_strategy": "first", "threshold": 1.5},
+    {"aggregation_strategy": "first", "threshold": "0.5"},
+    {"aggregation_strategy": "first", "threshold": True},
     "first",
 ])
 def test_malformed_entries_are_ignored_whole(entry, caplog):
     with caplog.at_level(logging.WARNING):
         assert recommended_decoding(HFConfig({DECODING_KEY: entry})) == {
-            "aggregation_strategy": "simple", "bio": None}
+            "aggregation_strategy": "simple", "bio": None, "threshold": None}
     assert DECODING_KEY in caplog.text
 
 
-@pytest.mark.parametrize(("flags", "strategy", "bio"), [
-    ([], "average", "viterbi"),
-    (["--aggregation-strategy", "first"], "first", "viterbi"),
-    (["--bio", "none"], "average", None),
-    (["--bio", "repair", "--aggregation-strategy", "simple"], "simple", "repair"),
+@pytest.mark.parametrize(("flags", "strategy", "bio", "threshold"), [
+    ([], "average", "viterbi", 0.4),
+    (["--aggregation-strategy", "first"], "first", "viterbi", 0.4),
+    (["--bio", "none"], "average", None, 0.4),
+    (["--bio", "repair", "--aggregation-strategy", "simple"], "simple", "repair", 0.4),
+    (["--threshold", "0"], "average", "viterbi", 0.0),
+    (["--threshold", "0.9"], "average", "viterbi", 0.9),
 ])
-def test_cli_flags_override_the_models_decoding(flags, strategy, bio):
+def test_cli_flags_override_the_models_decoding(flags, strategy, bio, threshold):
     args = build_parser().parse_args(["ner", "TEXT", *flags])
     options = ner_options(args, HFConfig({DECODING_KEY: DECODING}))
-    assert (options.aggregation_strategy, options.bio) == (strategy, bio)
+    assert (options.aggregation_strategy, options.bio, options.threshold) == (
+        strategy, bio, threshold)
     plain = ner_options(args, HFConfig({}))
     assert plain.aggregation_strategy == (strategy if "--aggregation-strategy" in flags
                                           else "simple")
+    assert plain.threshold == (threshold if "--threshold" in flags else None)
 
 
 def test_cli_uses_the_models_decoding_by_default(ckpt, llm, capsys):
@@ -83,7 +94,10 @@ def test_cli_uses_the_models_decoding_by_default(ckpt, llm, capsys):
     for line, entity in zip(default.splitlines()[1:], recommended, strict=True):
         assert line.split()[2] == f"{entity['start']}-{entity['end']}"
         assert line.split()[0] == entity["entity_group"]
-    assert main(["ner", ckpt, TEXT, "--aggregation-strategy", "simple", "--bio", "none"]) == 0
+    assert len(recommended) < len(llm.ner(TEXT, use_tqdm=False, **{**DECODING,
+                                                                    "threshold": None}))
+    assert main(["ner", ckpt, TEXT, "--aggregation-strategy", "simple", "--bio", "none",
+                 "--threshold", "0"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(plain) + 1
 
 
@@ -117,6 +131,7 @@ def test_models_without_a_decoding_get_the_pipelines(make_checkpoint):
         app = build_app(engine, ServerSettings(served_model_names=["plain"]))
         with TestClient(app) as client:
             assert client.get("/v1/ner/decoding").json() == {
-                "model": "plain", "aggregation_strategy": "simple", "bio": None}
+                "model": "plain", "aggregation_strategy": "simple", "bio": None,
+                "threshold": None}
     finally:
         engine.shutdown()

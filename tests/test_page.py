@@ -196,7 +196,7 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
     # The docs' screenshot shows real entities: the bundled model, under its own name.
     # A model that recommends a decoding (config.json's "tagserve_ner_decoding"): the pickers'
     # defaults once the page can read it.
-    decoding = {"aggregation_strategy": "average", "bio": "viterbi"}
+    decoding = {"aggregation_strategy": "average", "bio": "viterbi", "threshold": 0.25}
     ckpt, model_name = ((DEFAULT_MODEL, DEFAULT_MODEL.name) if UPDATE_SCREENSHOT
                         else (make_checkpoint("bert", tagserve_ner_decoding=decoding),
                               MODEL_NAME))
@@ -231,12 +231,15 @@ def test_page_in_headless_chromium(browser, make_checkpoint, tmp_path):
         wait.until(lambda _: find(By.ID, "strategy").get_property("value")
                    == decoding["aggregation_strategy"])
         assert find(By.ID, "bio").get_property("value") == (decoding["bio"] or "")
+        shown = find(By.ID, "threshold").get_property("value")
+        assert (float(shown) if shown else None) == decoding.get("threshold")
         find(By.CSS_SELECTOR, ".key summary").click()
 
         text_box = find(By.ID, "text")
         text_box.clear()
         text_box.send_keys(SENTENCE)
         Select(find(By.ID, "strategy")).select_by_value("first")
+        find(By.ID, "threshold").clear()
         find(By.ID, "threshold").send_keys(str(THRESHOLD))
         find(By.ID, "tag").click()
         marks = wait.until(lambda _: driver.find_elements(By.CSS_SELECTOR, "mark.ent"))

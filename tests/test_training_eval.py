@@ -109,3 +109,31 @@ def test_heldout_stream_is_pinned():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(train_pii.__file__).parent,
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "dda1643270ae12b23a6a826f5504994132b4b66a5f9a3d51a144f8e612bc306c"
+
+
+def test_pick_threshold_keeps_the_best_and_lowest():
+    def entity(start: int, score: float, label: str = "PERSON") -> dict[str, object]:
+        return {"entity_group": label, "start": start, "end": start + 3, "score": score}
+
+    # Two right entities (0.95, 0.5) and two spurious ones (0.4, 0.45): F1 0.667 kept all,
+    # 1.0 from 0.5 (0.4 and 0.45 dropped), 0.667 from 0.55 (the right 0.5 dropped too).
+    gold = [{(0, 3, "PERSON")}, {(0, 3, "ORG")}, set()]
+    results = [[entity(0, 0.95)], [entity(0, 0.5, "ORG"), entity(9, 0.4)], [entity(4, 0.45)]]
+    threshold, curve = train_pii.pick_threshold(gold, results)
+    assert threshold == 0.5  # 0.5 ties nothing lower: 0.3-0.45 keep a spurious one
+    assert curve["0.0"] == 0.6667 and curve["0.5"] == 1.0 and curve["0.55"] == 0.6667
+    assert list(curve) == [str(t) for t in train_pii.THRESHOLDS]
+    # All right: no threshold helps, and the lowest of the ties (0, keep all) wins.
+    assert train_pii.pick_threshold([{(0, 3, "PERSON")}], [[entity(0, 0.6)]])[0] == 0.0
+
+
+def test_validation_set_is_drawn_like_training_from_another_seed():
+    import data
+
+    rates = {"case_rate": 0.09, "noise_rate": 0.5}
+    valid = train_pii.validation_set(0, 200, rates)
+    assert [ex.to_json() for ex in valid] == [
+        ex.to_json() for ex in data.Generator(
+            "train", train_pii.VALID_SEED_OFFSET, **rates).take(200)]
+    training = {ex.text for ex in data.Generator("train", 0, **rates).take(200)}
+    assert len(training & {ex.text for ex in valid}) < 10

@@ -51,8 +51,16 @@ except ImportError:
 HERE = Path(__file__).resolve().parent
 # What a user of the model gets: tagserve's entities (`LLM.ner`) decoded this way. Chosen from
 # measurements (training/README.md, "Evaluation"); saved in config.json as
-# "tagserve_ner_decoding", the default of `tagserve ner` and of the page.
+# "tagserve_ner_decoding" with the entity threshold picked on the validation set
+# (`pick_threshold`), the default of `tagserve ner` and of the page.
 RECOMMENDED_DECODING = {"aggregation_strategy": "first", "bio": "viterbi"}
+# Entity-score thresholds tried on the validation set (train templates, another seed); 0 keeps
+# every entity.
+THRESHOLDS = (0.0, *(round(0.3 + 0.05 * i, 2) for i in range(13)))
+# The validation set is drawn like the training set (same templates and training-only options),
+# from the seed `--seed` + VALID_SEED_OFFSET, so it shares no held-out template.
+VALID_SEED_OFFSET = 1000
+TRAIN_RATES = ("case_rate", "lead_rate", "word_opener_rate", "swap_rate", "noise_rate")
 # Also scored (F1 only) so that the choice can be re-checked on every run.
 OTHER_DECODINGS = {
     "simple": {"aggregation_strategy": "simple", "bio": None},
@@ -75,6 +83,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE.parent / "tagserve/bundled/pii-bert-small")
     p.add_argument("--train-size", type=int, default=150_000)
     p.add_argument("--heldout-size", type=int, default=2_000)
+    p.add_argument("--valid-size", type=int, default=2_000,
+                   help=f"validation examples (train templates, seed + {VALID_SEED_OFFSET}) "
+                        "on which the entity threshold of the recommended decoding is picked")
     p.add_argument("--natural", type=Path, default=HERE / "eval_natural.jsonl")
     p.add_argument("--vocab-size", type=int, default=8_000, help="trained WordPiece pieces")
     p.add_argument("--common-words", type=int, default=3000,
@@ -578,8 +589,10 @@ def span_scores(gold: Sequence[set[Span]], pred: Sequence[set[Span]],
 def evaluate_pipeline(model_dir: Path, sets: dict[str, Sequence[D.Example]],
                       device: str = "cpu") -> dict[str, object]:
     """Score the exported checkpoint as users get it: tagserve loads ``model_dir`` and
-    returns entities (``LLM.ner``); full scores under ``RECOMMENDED_DECODING`` and F1 under
-    each of ``OTHER_DECODINGS``, for every set of ``sets``."""
+    returns entities (``LLM.ner``). The entity threshold of ``RECOMMENDED_DECODING`` is picked
+    on ``sets["valid"]`` (``pick_threshold``) and written to the checkpoint's config.json;
+    then full scores under that decoding and F1 under each of ``OTHER_DECODINGS`` (and without
+    the threshold) for every other set."""
     from tagserve import LLM
 
     llm = LLM(model=str(model_dir), device=device)
@@ -587,40 +600,81 @@ def evaluate_pipeline(model_dir: Path, sets: dict[str, Sequence[D.Example]],
     gold = {name: [set(map(tuple, ex.spans)) for ex in examples]
             for name, examples in sets.items()}
 
-    def score(name: str, decoding: dict[str, str | None]) -> dict[str, object]:
-        results = llm.ner(texts[name], **decoding, use_tqdm=False)
-        pred = [entity_spans(r) for r in results]
-        return span_scores(gold[name], pred)  # type: ignore[arg-type]
+    def entities(name: str, decoding: dict[str, object]) -> list[set[Span]]:
+        return [entity_spans(r) for r in llm.ner(texts[name], **decoding, use_tqdm=False)]
 
-    out: dict[str, object] = {"metric": PIPELINE_METRIC, "decoding": dict(RECOMMENDED_DECODING)}
-    for name in sets:
-        out[name] = score(name, RECOMMENDED_DECODING)
-        print(f"== {name}, tagserve entities ({decoding_name(RECOMMENDED_DECODING)}): "
+    def score(name: str, decoding: dict[str, object]) -> dict[str, object]:
+        return span_scores(gold[name], entities(name, decoding))  # type: ignore[arg-type]
+
+    threshold, curve = pick_threshold(gold["valid"], llm.ner(
+        texts["valid"], **RECOMMENDED_DECODING, use_tqdm=False))
+    decoding = {**RECOMMENDED_DECODING, "threshold": threshold}
+    write_decoding(model_dir, decoding)
+    print(f"== validation: entity threshold {threshold} (F1 by threshold {curve})", flush=True)
+    out: dict[str, object] = {"metric": PIPELINE_METRIC, "decoding": decoding,
+                              "validation": {"sentences": len(gold["valid"]),
+                                             "f1_by_threshold": curve}}
+    tested = [name for name in sets if name != "valid"]
+    for name in tested:
+        out[name] = score(name, decoding)
+        print(f"== {name}, tagserve entities ({decoding_name(decoding)}): "
               f"F1 {out[name]['f1']} (P {out[name]['precision']} / "  # type: ignore[index]
               f"R {out[name]['recall']})", flush=True)  # type: ignore[index]
-    out["other_decodings"] = {
-        key: {name: score(name, decoding)["f1"] for name in sets}
-        for key, decoding in OTHER_DECODINGS.items()}
+    others = {decoding_name(RECOMMENDED_DECODING) + ", no threshold": RECOMMENDED_DECODING,
+              **OTHER_DECODINGS}
+    out["other_decodings"] = {key: {name: score(name, other)["f1"] for name in tested}
+                              for key, other in others.items()}
     print(f"   other decodings (F1): {out['other_decodings']}", flush=True)
     return out
 
 
-def decoding_name(decoding: dict[str, str | None]) -> str:
-    """'first + viterbi', 'simple'."""
-    bio = decoding.get("bio")
-    return str(decoding["aggregation_strategy"]) + (f" + {bio}" if bio else "")
+def validation_set(seed: int, size: int, rates: dict[str, float]) -> list[D.Example]:
+    """``size`` examples drawn as the training set is (train templates, training ``rates``),
+    from another seed: where the entity threshold is picked."""
+    return D.Generator("train", seed + VALID_SEED_OFFSET, **rates).take(size)
+
+
+def pick_threshold(gold: Sequence[set[Span]], results: Sequence[Sequence[dict[str, object]]]
+                   ) -> tuple[float, dict[str, float]]:
+    """The entity-score threshold of ``THRESHOLDS`` with the best F1 of ``results`` (entities
+    returned without a threshold) against ``gold``, the lowest on ties, and F1 by threshold.
+    Dropping entities under a score after decoding is what ``LLM.ner(threshold=...)`` does for
+    the aggregating strategies."""
+    curve = {}
+    for threshold in THRESHOLDS:
+        kept = [entity_spans([e for e in r if float(e["score"]) >= threshold])  # type: ignore[arg-type]
+                for r in results]
+        curve[str(threshold)] = span_scores(gold, kept)["f1"]
+    best = max(THRESHOLDS, key=lambda t: (curve[str(t)], -t))
+    return best, curve  # type: ignore[return-value]
+
+
+def write_decoding(model_dir: Path, decoding: dict[str, object]) -> None:
+    """Name ``decoding`` in the checkpoint's config.json ("tagserve_ner_decoding")."""
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["tagserve_ner_decoding"] = decoding
+    # transformers' layout: top-level keys sorted, id2label/label2id in label order
+    config_path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+
+
+def decoding_name(decoding: dict[str, object]) -> str:
+    """'first + viterbi', 'simple', 'first + viterbi, threshold 0.6'."""
+    bio, threshold = decoding.get("bio"), decoding.get("threshold")
+    return (str(decoding["aggregation_strategy"]) + (f" + {bio}" if bio else "")
+            + (f", threshold {threshold}" if threshold else ""))
 
 
 # ----------------------------------------------------------------------------- export
 
 
 def save(model: BertForTokenClassification, tok: Tokenizer, args: argparse.Namespace) -> None:
-    """fp16/bf16 safetensors (config.json names the recommended entity decoding) + tokenizer."""
+    """fp16/bf16 safetensors + tokenizer (``evaluate_pipeline`` names the recommended entity
+    decoding in config.json)."""
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     model = model.to("cpu", dtype=dtype)
     model.config.dtype = args.dtype
-    model.config.tagserve_ner_decoding = dict(RECOMMENDED_DECODING)
     model.save_pretrained(args.out, safe_serialization=True)
     hf_tokenizer(tok, 512).save_pretrained(args.out)
 
@@ -635,23 +689,21 @@ def write_metrics(out: Path, metrics: dict[str, object]) -> None:
 
 
 def rescore(out: Path, args: argparse.Namespace) -> dict[str, object]:
-    """Add the tagserve-entity scores to an exported run's ``metrics.json`` (its token-level
-    scores, times and command are kept), name the recommended decoding in its config.json, and
-    rewrite its model card. The weights are not touched."""
+    """Redo the tagserve-entity scores of an exported run's ``metrics.json`` (its token-level
+    scores, times and command are kept), with the threshold picked again on its validation set
+    (named in its config.json), and rewrite its model card. The weights are not touched."""
     metrics = json.loads((out / "metrics.json").read_text())
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config["tagserve_ner_decoding"] = dict(RECOMMENDED_DECODING)
-    # transformers' layout: top-level keys sorted, id2label/label2id in label order
-    config_path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     run_args = metrics.get("args", {})
     seed = int(run_args.get("seed", args.seed))
     heldout_seed = run_args.get("heldout_seed", "None")
     heldout_seed = seed + 1 if heldout_seed == "None" else int(heldout_seed)
     heldout = D.Generator("heldout", heldout_seed).take(int(metrics["heldout"]["sentences"]))
+    valid = validation_set(seed, int(run_args.get("valid_size", args.valid_size)),
+                           {k: float(run_args.get(k, getattr(args, k))) for k in TRAIN_RATES})
     natural = D.load_jsonl(args.natural)
+    metrics["pipeline"] = evaluate_pipeline(out, {"valid": valid, "heldout": heldout,
+                                                  "natural": natural})
     metrics["token_metric"] = TOKEN_METRIC
-    metrics["pipeline"] = evaluate_pipeline(out, {"heldout": heldout, "natural": natural})
     write_metrics(out, metrics)
     return metrics
 
@@ -695,6 +747,10 @@ def fill_card(card: str, metrics: dict) -> str:
         "decoding": decoding_name(pipeline["decoding"]),
         "decoding_strategy": pipeline["decoding"]["aggregation_strategy"],
         "decoding_bio": str(pipeline["decoding"]["bio"]),
+        "decoding_threshold": str(pipeline["decoding"].get("threshold")),
+        "valid_n": str(pipeline.get("validation", {}).get("sentences", 0)),
+        "valid_curve": ", ".join(f"{t}: {f1:.3f}" for t, f1 in pipeline.get(
+            "validation", {}).get("f1_by_threshold", {}).items()),
         "heldout_table_pipeline": per_type_table(pipeline["heldout"]),
         "natural_table_pipeline": per_type_table(pipeline["natural"]),
         "decodings_table": "\n".join(
@@ -769,13 +825,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "natural": evaluate(model, tok, natural, args.max_len, "natural sentences"),
     }
     save(model, tok, args)
-    metrics["pipeline"] = evaluate_pipeline(args.out, {"heldout": heldout, "natural": natural},
-                                            "cuda" if args.device.startswith("cuda") else "cpu")
+    valid = validation_set(args.seed, args.valid_size, {k: getattr(args, k) for k in TRAIN_RATES})
+    metrics["pipeline"] = evaluate_pipeline(
+        args.out, {"valid": valid, "heldout": heldout, "natural": natural},
+        "cuda" if args.device.startswith("cuda") else "cpu")
     write_metrics(args.out, metrics)
     pipeline = metrics["pipeline"]
     print(f"saved to {args.out}; total {(time.time() - t0) / 60:.1f} min; token-level seqeval "
           f"F1 held-out {metrics['heldout']['f1']}, natural {metrics['natural']['f1']}; "
-          f"tagserve entities ({decoding_name(RECOMMENDED_DECODING)}) F1 held-out "
+          f"tagserve entities ({decoding_name(pipeline['decoding'])}) F1 held-out "
           f"{pipeline['heldout']['f1']}, natural {pipeline['natural']['f1']}",  # type: ignore[index]
           flush=True)
     return metrics

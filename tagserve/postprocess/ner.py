@@ -50,29 +50,37 @@ logger = logging.getLogger(__name__)
 
 WINDOW_MERGES = ("entities", "probabilities")
 # config.json key of a model's recommended entity decoding, e.g. {"aggregation_strategy":
-# "first", "bio": "viterbi"}: the default of `tagserve ner` and of the page, never of `LLM.ner`
-# or of the HTTP routes (those keep transformers' "simple").
+# "first", "bio": "viterbi", "threshold": 0.5}: the default of `tagserve ner` and of the page,
+# never of `LLM.ner` or of the HTTP routes (those keep transformers' "simple").
 DECODING_KEY = "tagserve_ner_decoding"
-PIPELINE_DECODING = {"aggregation_strategy": "simple", "bio": None}
+PIPELINE_DECODING = {"aggregation_strategy": "simple", "bio": None, "threshold": None}
 Entities = list[dict[str, Any]]
 # Per input: its entities, or {"entities": ..., "tokens": ...} with `return_tokens`.
 NerResult = Entities | dict[str, list[dict[str, Any]]]
 
 
-def recommended_decoding(hf_config: Any) -> dict[str, str | None]:
+def recommended_decoding(hf_config: Any) -> dict[str, Any]:
     """The entity decoding a model recommends (`config.json`'s "tagserve_ner_decoding":
-    `aggregation_strategy` and `bio`), or transformers' pipeline default ("simple", no BIO
-    decoding) when it names none. A malformed entry is logged and ignored as a whole."""
+    `aggregation_strategy`, `bio` and `threshold`), or transformers' pipeline default ("simple",
+    no BIO decoding, no threshold) when it names none. A malformed entry is logged and ignored
+    as a whole."""
     entry = hf_config.get(DECODING_KEY) if hf_config is not None else None
     if entry is None:
         return dict(PIPELINE_DECODING)
-    strategy = entry.get("aggregation_strategy", "simple") if isinstance(entry, dict) else None
-    bio = entry.get("bio") if isinstance(entry, dict) else None
-    if strategy not in STRATEGIES or bio not in BIO_MODES:
-        logger.warning("Ignoring the model's %s %r: aggregation_strategy must be one of %s and "
-                       "bio one of %s", DECODING_KEY, entry, list(STRATEGIES), list(BIO_MODES))
+    if not isinstance(entry, dict):
+        entry = {"aggregation_strategy": None}
+    strategy = entry.get("aggregation_strategy", "simple")
+    bio, threshold = entry.get("bio"), entry.get("threshold")
+    threshold_ok = threshold is None or (isinstance(threshold, (int, float))
+                                         and not isinstance(threshold, bool)
+                                         and 0.0 <= threshold <= 1.0)
+    if strategy not in STRATEGIES or bio not in BIO_MODES or not threshold_ok:
+        logger.warning("Ignoring the model's %s %r: aggregation_strategy must be one of %s, "
+                       "bio one of %s and threshold a number from 0 to 1", DECODING_KEY, entry,
+                       list(STRATEGIES), list(BIO_MODES))
         return dict(PIPELINE_DECODING)
-    return {"aggregation_strategy": strategy, "bio": bio}
+    return {"aggregation_strategy": strategy, "bio": bio,
+            "threshold": None if threshold is None else float(threshold)}
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,13 @@ class RedactRequest(EntityFields):
 
 class NerDecodingResponse(BaseModel):
     """The served model's recommended entity decoding (config.json's "tagserve_ner_decoding";
-    transformers' "simple" without BIO decoding when it names none): the page's defaults."""
+    transformers' "simple" without BIO decoding or threshold when it names none): the page's
+    defaults."""
 
     model: str
     aggregation_strategy: AggregationStrategy
     bio: Literal["repair", "viterbi"] | None
+    threshold: float | None
 
 
 class Entity(BaseModel):

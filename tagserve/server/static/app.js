@@ -17,7 +17,7 @@
   };
   const tokenData = new WeakMap();  // token <span> -> {token, entity}: the server's dicts
   let lastRequest = null;  // {text, strategy, bio, threshold} of the last "Tag"
-  let decodingChosen = false;  // the user picked a strategy or BIO decoding: keep it
+  let decodingChosen = false;  // the user picked a strategy, BIO decoding or threshold: keep it
   let tagSequence = 0;  // answers of superseded requests are dropped
   let redactSequence = 0;
 
@@ -139,6 +139,7 @@
     };
     pick(ui.strategy, String(decoding.aggregation_strategy ?? "simple"));
     pick(ui.bio, decoding.bio ? String(decoding.bio) : "");
+    ui.threshold.value = typeof decoding.threshold === "number" ? String(decoding.threshold) : "";
   }
 
   // ---- errors and busy state -----------------------------------------------------------
@@ -417,8 +418,8 @@
   ui.clear.addEventListener("click", clearAll);
   ui.mode.addEventListener("change", changeMode);
   ui.apiKey.addEventListener("change", loadModel);
-  for (const select of [ui.strategy, ui.bio]) {
-    select.addEventListener("change", () => { decodingChosen = true; });
+  for (const picker of [ui.strategy, ui.bio, ui.threshold]) {
+    picker.addEventListener("change", () => { decodingChosen = true; });
   }
   ui.highlighted.addEventListener("mouseover", (event) => {
     const span = event.target.closest(".tok");
