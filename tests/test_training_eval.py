@@ -137,3 +137,12 @@ def test_validation_set_is_drawn_like_training_from_another_seed():
             "train", train_pii.VALID_SEED_OFFSET, **rates).take(200)]
     training = {ex.text for ex in data.Generator("train", 0, **rates).take(200)}
     assert len(training & {ex.text for ex in valid}) < 10
+
+
+@pytest.mark.parametrize(("argv", "has_bf16", "precision"), [
+    ([], True, "bf16"), ([], False, "fp32"), (["--device", "cuda"], False, "bf16"),
+    (["--precision", "bf16"], False, "bf16"), (["--precision", "fp32"], True, "fp32"),
+])
+def test_precision_auto_follows_the_hardware(monkeypatch, argv, has_bf16, precision):
+    monkeypatch.setattr(train_pii, "cpu_has_bf16", lambda: has_bf16)
+    assert train_pii.parse_args(argv).precision == precision

@@ -166,8 +166,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "other training seeds can be scored on the same held-out set")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                   help="bf16 autocast (AMX on recent Xeons, tensor cores on GPUs) or fp32")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast (AMX on recent Xeons, tensor cores on GPUs) or fp32; "
+                        "auto: bf16 on CUDA and on CPUs with bf16 instructions (AMX, "
+                        "AVX512-BF16), else fp32 (bf16 without them ran ~20x slower)")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
                    help="dtype of the saved weights")
     p.add_argument("--log-every", type=int, default=100)
@@ -175,7 +177,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="train nothing: add the tagserve-entity scores to DIR's metrics.json "
                         "(an exported run), name the recommended decoding in its config.json "
                         "and rewrite its model card")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device.startswith("cuda") or cpu_has_bf16() else "fp32"
+    return args
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (empty where /proc/cpuinfo is missing)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return {flag for line in text.splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matrix products in hardware. On an AMD EPYC with AVX2 alone,
+    bf16 autocast trained at ~200 tokens/s against ~4,500 in fp32 (2 threads, f512 shape)."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def describe_device(args: argparse.Namespace) -> str:
@@ -600,11 +619,9 @@ def evaluate_pipeline(model_dir: Path, sets: dict[str, Sequence[D.Example]],
     gold = {name: [set(map(tuple, ex.spans)) for ex in examples]
             for name, examples in sets.items()}
 
-    def entities(name: str, decoding: dict[str, object]) -> list[set[Span]]:
-        return [entity_spans(r) for r in llm.ner(texts[name], **decoding, use_tqdm=False)]
-
     def score(name: str, decoding: dict[str, object]) -> dict[str, object]:
-        return span_scores(gold[name], entities(name, decoding))  # type: ignore[arg-type]
+        results = llm.ner(texts[name], **decoding, use_tqdm=False)
+        return span_scores(gold[name], [entity_spans(r) for r in results])  # type: ignore[arg-type]
 
     threshold, curve = pick_threshold(gold["valid"], llm.ner(
         texts["valid"], **RECOMMENDED_DECODING, use_tqdm=False))
