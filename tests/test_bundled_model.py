@@ -106,9 +106,14 @@ def test_recommended_decoding_is_what_the_cli_shows(capsys) -> None:
     from tagserve.cli import main
 
     config = json.loads((DEFAULT_MODEL / "config.json").read_text())
-    assert config["tagserve_ner_decoding"] == {"aggregation_strategy": "first", "bio": "viterbi"}
+    decoding = config["tagserve_ner_decoding"]
+    assert decoding == {"aggregation_strategy": "first", "bio": "viterbi",
+                        "threshold": decoding["threshold"]}
     metrics = json.loads((DEFAULT_MODEL / "metrics.json").read_text())
-    assert metrics["pipeline"]["decoding"] == config["tagserve_ner_decoding"]
+    assert metrics["pipeline"]["decoding"] == decoding
+    # The threshold is the validation set's best (train_pii.pick_threshold), not a guess.
+    curve = metrics["pipeline"]["validation"]["f1_by_threshold"]
+    assert curve[str(decoding["threshold"])] == max(curve.values())
     text = "Email Jane Doe at jane.doe@example.com or call +1 415 555 0100 before 3 March 2025."
     assert main(["ner", text]) == 0
     rows = [line.split(None, 3) for line in capsys.readouterr().out.splitlines()[1:]]

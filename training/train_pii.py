@@ -131,6 +131,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="export an exponential moving average of the weights (decay per step, "
                         "e.g. 0.998; 0 = the last weights)")
+    p.add_argument("--embedding-lr-scale", type=float, default=1.0,
+                   help="learning rate of the word-embedding table over --lr (rare whole words "
+                        "get few updates)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -394,20 +397,25 @@ def make_optimizer(model: BertForTokenClassification, args: argparse.Namespace,
     batch's tokens) and its own lazy Adam (``SparseAdam``, same betas and schedule, no weight
     decay): the dense gradient, clipping and AdamW update of the 6.6M-entry table were a fifth
     of a step on one CPU thread."""
-    sparse_table = model.bert.embeddings.word_embeddings.weight if args.sparse_embeddings else None
+    table = model.bert.embeddings.word_embeddings.weight
+    sparse_table = table if args.sparse_embeddings else None
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if param is sparse_table:
+        if param is table:
             continue
         (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if sparse_table is None:
+        groups.append({"params": [table], "weight_decay": args.weight_decay,
+                       "lr": args.lr * args.embedding_lr_scale})
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
+        groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
         fused=True)]  # one fused kernel per step (CPU and CUDA)
     if sparse_table is not None:
         model.bert.embeddings.word_embeddings.sparse = True
-        optimizers.append(torch.optim.SparseAdam([sparse_table], lr=args.lr, betas=(0.9, 0.98),
-                                                 eps=1e-6))
+        optimizers.append(torch.optim.SparseAdam(
+            [sparse_table], lr=args.lr * args.embedding_lr_scale, betas=(0.9, 0.98), eps=1e-6))
     warmup = max(1, int(args.warmup * total_steps))
 
     def factor(step: int) -> float:
@@ -756,6 +764,8 @@ def fill_card(card: str, metrics: dict) -> str:
         "entity_words": args.get("entity_words", "0"),
         "reserved_words": args.get("reserved_words", "0"),
         "batch_size": args["batch_size"], "dropout": args["dropout"],
+        "precision": ("fp32 arithmetic" if args.get("precision") == "fp32"
+                      else "bf16 autocast"),
         "tokenizer_pieces": str(metrics["tokenizer_pieces"]),
         "digits": "one token per digit" if args["split_digits"] == "True" else "merged in pieces",
     }
