@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from tagserve import LLM, PoolerConfig, PoolingParams
+from tagserve.layers.fused import fusion_supported
 
 from checkpoints import FAMILIES, oracle_dir, sentences
 from gpu import needs_cuda
@@ -16,6 +17,9 @@ CPU_FAMILIES = ("bert", "xlmr", "modernbert", "qwen3", "mistral")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 CONVERTED = {"bert_model", "qwen3_causal", "llama_model"}
 RAW = PoolingParams(use_activation=False)
+needs_cpu_bf16 = pytest.mark.skipif(
+    not fusion_supported(torch.device("cpu"), torch.bfloat16),
+    reason="oneDNN runs no bf16 linears on this CPU (no AMX or AVX512-BF16)")
 
 
 def run(path, family: str, dtype: str, prompts: list[str], device: str):
@@ -79,7 +83,7 @@ def test_float32_and_bfloat16(family, device, make_checkpoint):
 
 
 @pytest.mark.parametrize(("family", "device"), [
-    ("bert", "cpu"),
+    pytest.param("bert", "cpu", marks=needs_cpu_bf16),
     *[pytest.param(f, "cuda", marks=[pytest.mark.gpu, needs_cuda])
       for f in ("bert", "qwen3", "modernbert")]])
 def test_fused_kernels_match_eager(family, device, make_checkpoint):
@@ -113,7 +117,8 @@ def _logits(path, prompts: list[str], device: str, **kwargs) -> torch.Tensor:
     return torch.cat([o.outputs.data.float() for o in out])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# On CPU, precise residuals come with the fused oneDNN path.
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_cpu_bf16), DEVICES[1]])
 def test_precise_residuals_closer_to_float32(make_checkpoint, device: str):
     """`precise_residuals` (the default) keeps the bf16 residual stream more precise: its
     rounding remainders on CUDA, float32 on CPU (where the head reads float32 rows too). The

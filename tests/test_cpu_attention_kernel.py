@@ -119,6 +119,8 @@ def test_failed_build_falls_back(monkeypatch, caplog):
         raise RuntimeError("compiling cpu_attention.cpp failed")
 
     monkeypatch.setattr(cpu_attention, "_build", broken)
+    # the build is reached only on an AVX-512 CPU: pretend to be one
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     cpu_attention._load.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):

@@ -20,6 +20,18 @@ from checkpoints import sentences
 TEXTS = [f"{sentences(40, seed=9)[i % 40]} {i}" for i in range(300)]
 
 
+def same_entities(a: list[list[dict[str, Any]]], b: list[list[dict[str, Any]]]) -> bool:
+    """Equal entities; scores within float32 rounding (fp32 matmuls of other batch shapes may
+    round differently: MKL on an AVX2-only CPU did, by a few units in the last place)."""
+    def key(entity: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(v for k, v in sorted(entity.items()) if k != "score")
+
+    return len(a) == len(b) and all(
+        len(x) == len(y) and all(key(e) == key(f) and abs(e["score"] - f["score"]) < 1e-5
+                                 for e, f in zip(x, y, strict=True))
+        for x, y in zip(a, b, strict=True))
+
+
 def recording(calls: list[tuple[str, int]], fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn`, noting the calling thread's name and the number of inputs of each call."""
 
@@ -41,7 +53,7 @@ def test_in_process_the_side_thread_runs_only_the_rust_tokenizer(bert, monkeypat
     encode.clear()
     build.clear()
     out = bert.ner(TEXTS, use_tqdm=False)
-    assert out[:5] == expected and len(out) == len(TEXTS)
+    assert same_entities(out[:5], expected) and len(out) == len(TEXTS)
     me = threading.current_thread().name
     assert {name for name, _ in build} == {me}
     assert all(name.startswith("tagserve-tokenize") for name, _ in encode)
@@ -95,4 +107,4 @@ def test_with_workers_the_engine_thread_takes_the_cuts(bert, pool, monkeypatch):
     finally:
         bert.ner_workers, bert.ner_tokenize_only, bert._ner_pool = 0, True, None
     assert taken == [threading.current_thread().name] * 3
-    assert ours == bert.ner(TEXTS, use_tqdm=False)
+    assert same_entities(ours, bert.ner(TEXTS, use_tqdm=False))

@@ -219,8 +219,24 @@ def _onednn_linear_op() -> Callable | None:
 _onednn_linear = _onednn_linear_op()
 
 
+@functools.cache
+def _onednn_bf16_works() -> bool:
+    """Whether oneDNN builds a bf16 linear on this CPU: without bf16 instructions (AMX,
+    AVX512-BF16), e.g. on an AVX2-only AMD EPYC, it refuses ("could not create a primitive
+    descriptor"), and the layers run as plain torch ops instead."""
+    if _onednn_linear is None:
+        return False
+    x = torch.ones(2, 16, dtype=torch.bfloat16)
+    try:
+        _onednn_linear(x, torch.ones(8, 16, dtype=torch.bfloat16), None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def fusion_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """16-bit CUDA (compiled kernels, GEMM epilogues) or bf16 on a CPU with oneDNN."""
+    """16-bit CUDA (compiled kernels, GEMM epilogues) or bf16 on a CPU whose oneDNN runs bf16
+    linears."""
     if device.type == "cuda":
         return dtype in (torch.float16, torch.bfloat16)
-    return device.type == "cpu" and dtype == torch.bfloat16 and _onednn_linear is not None
+    return device.type == "cpu" and dtype == torch.bfloat16 and _onednn_bf16_works()
