@@ -98,7 +98,8 @@ def _disabled() -> bool:
 def _load() -> bool:
     """Compile and load the kernel once; False (after one warning) when it cannot run here."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
-        logger.warning("CPU attention kernel needs AVX-512; using torch's SDPA")
+        # the hardware's choice, not a fault: not worth a warning on every start
+        logger.info("CPU attention kernel needs AVX-512; using torch's SDPA")
         return False
     try:
         torch.ops.load_library(str(_build()))
