@@ -128,8 +128,9 @@ async def _redact(body: RedactRequest, request: Request, state: ServerState) -> 
 
 @router.get("/v1/ner/decoding", response_model=NerDecodingResponse, responses=ERROR_RESPONSES)
 async def ner_decoding(state: State) -> NerDecodingResponse:
-    """The served model's recommended `aggregation_strategy` and `bio` (the page's defaults;
-    `/v1/ner` and `/v1/redact` themselves default to "simple" without BIO decoding)."""
+    """The served model's recommended `aggregation_strategy`, `bio` and `threshold` (the page's
+    defaults; `/v1/ner` and `/v1/redact` themselves default to "simple" without BIO decoding or
+    threshold)."""
     return NerDecodingResponse(model=state.model_name(None),
                                **recommended_decoding(state.engine.model_config.hf_config))
 
