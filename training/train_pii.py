@@ -812,9 +812,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         return rescore(args.rescore, args)
     seed_everything(args.seed)
     t0 = time.time()
-    train_set = D.Generator("train", args.seed, args.case_rate, args.lead_rate,
-                            args.word_opener_rate, args.swap_rate,
-                            args.noise_rate).take(args.train_size, args.doc_rate)
+    rates = {k: getattr(args, k) for k in TRAIN_RATES}
+    train_set = D.Generator("train", args.seed, **rates).take(args.train_size, args.doc_rate)
     heldout_seed = args.seed + 1 if args.heldout_seed is None else args.heldout_seed
     heldout = D.Generator("heldout", heldout_seed).take(args.heldout_size)
     natural = D.load_jsonl(args.natural)
@@ -852,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "natural": evaluate(model, tok, natural, args.max_len, "natural sentences"),
     }
     save(model, tok, args)
-    valid = validation_set(args.seed, args.valid_size, {k: getattr(args, k) for k in TRAIN_RATES})
+    valid = validation_set(args.seed, args.valid_size, rates)
     metrics["pipeline"] = evaluate_pipeline(
         args.out, {"valid": valid, "heldout": heldout, "natural": natural},
         "cuda" if args.device.startswith("cuda") else "cpu")

@@ -67,14 +67,14 @@ def recommended_decoding(hf_config: Any) -> dict[str, Any]:
     entry = hf_config.get(DECODING_KEY) if hf_config is not None else None
     if entry is None:
         return dict(PIPELINE_DECODING)
-    if not isinstance(entry, dict):
-        entry = {"aggregation_strategy": None}
-    strategy = entry.get("aggregation_strategy", "simple")
-    bio, threshold = entry.get("bio"), entry.get("threshold")
+    fields = entry if isinstance(entry, dict) else {}
+    strategy = fields.get("aggregation_strategy", "simple")
+    bio, threshold = fields.get("bio"), fields.get("threshold")
     threshold_ok = threshold is None or (isinstance(threshold, (int, float))
                                          and not isinstance(threshold, bool)
                                          and 0.0 <= threshold <= 1.0)
-    if strategy not in STRATEGIES or bio not in BIO_MODES or not threshold_ok:
+    if (not isinstance(entry, dict) or strategy not in STRATEGIES or bio not in BIO_MODES
+            or not threshold_ok):
         logger.warning("Ignoring the model's %s %r: aggregation_strategy must be one of %s, "
                        "bio one of %s and threshold a number from 0 to 1", DECODING_KEY, entry,
                        list(STRATEGIES), list(BIO_MODES))
