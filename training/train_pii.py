@@ -45,8 +45,10 @@ from transformers.models.bert.modeling_bert import eager_attention_forward
 
 try:
     from . import data as D
+    from .row_gradients import RowGradients
 except ImportError:
     import data as D  # type: ignore[no-redef]
+    from row_gradients import RowGradients  # type: ignore[no-redef]
 
 HERE = Path(__file__).resolve().parent
 # What a user of the model gets: tagserve's entities (`LLM.ner`) decoded this way. Chosen from
@@ -122,9 +124,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pooled-dropout", action=argparse.BooleanOptionalAction, default=True,
                    help="dropout masks cut from a pre-drawn random pool (torch's CPU "
                         "bernoulli_ took a fifth of the step time on one thread)")
-    p.add_argument("--sparse-embeddings", action=argparse.BooleanOptionalAction, default=False,
-                   help="sparse word-embedding gradients with a lazy Adam (SparseAdam) for the "
-                        "table: cheaper steps on CPU")
     p.add_argument("--piece-weight", type=float, default=1.0,
                    help="loss weight of word-continuation pieces ('##...'; 1 = plain mean "
                         "cross-entropy): the pieces of a split name got tags of their own")
@@ -391,31 +390,20 @@ def use_pooled_dropout(model: BertForTokenClassification, seed: int,
 
 def make_optimizer(model: BertForTokenClassification, args: argparse.Namespace,
                    total_steps: int
-                   ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LambdaLR]]:
-    """AdamW without decay on biases/LayerNorm; linear warmup then linear decay to zero. With
-    ``--sparse-embeddings`` the word-embedding table gets sparse gradients (only the rows of a
-    batch's tokens) and its own lazy Adam (``SparseAdam``, same betas and schedule, no weight
-    decay): the dense gradient, clipping and AdamW update of the 6.6M-entry table were a fifth
-    of a step on one CPU thread."""
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without decay on biases/LayerNorm; linear warmup then linear decay to zero."""
     table = model.bert.embeddings.word_embeddings.weight
-    sparse_table = table if args.sparse_embeddings else None
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param is table:
             continue
         (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if sparse_table is None:
-        groups.append({"params": [table], "weight_decay": args.weight_decay,
-                       "lr": args.lr * args.embedding_lr_scale})
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
-        fused=True)]  # one fused kernel per step (CPU and CUDA)
-    if sparse_table is not None:
-        model.bert.embeddings.word_embeddings.sparse = True
-        optimizers.append(torch.optim.SparseAdam(
-            [sparse_table], lr=args.lr * args.embedding_lr_scale, betas=(0.9, 0.98), eps=1e-6))
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": [table], "weight_decay": args.weight_decay,
+               "lr": args.lr * args.embedding_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=True)  # one fused kernel per step (CPU and CUDA)
     warmup = max(1, int(args.warmup * total_steps))
 
     def factor(step: int) -> float:
@@ -423,30 +411,7 @@ def make_optimizer(model: BertForTokenClassification, args: argparse.Namespace,
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    return optimizers, [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
-
-
-def clip_gradients(params: Sequence[torch.nn.Parameter], max_norm: float) -> None:
-    """``clip_grad_norm_`` that also takes sparse gradients (coalesced here): one total norm
-    over all gradients, every gradient scaled by ``min(1, max_norm / norm)``."""
-    dense, sparse = [], []
-    for p in params:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
-            sparse.append(p.grad._values())
-        else:
-            dense.append(p.grad)
-    if not sparse:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    norms = [*torch._foreach_norm(dense), *(v.norm() for v in sparse)]
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(dense, coef)
-    for v in sparse:
-        v.mul_(coef)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def position_ids(shape: torch.Size, rng: random.Random, shift_rate: float,
@@ -471,12 +436,13 @@ def train(model: BertForTokenClassification, rows: Sequence[tuple[list[int], lis
     device = torch.device(args.device)
     steps_per_epoch = math.ceil(len(rows) / args.batch_size)
     total = int(steps_per_epoch * args.epochs)
-    optimizers, schedules = make_optimizer(model, args, total)
+    optimizer, schedule = make_optimizer(model, args, total)
     params = list(model.parameters())
     rng = random.Random(args.seed)
     if args.pooled_dropout:
         use_pooled_dropout(model, args.seed, device)
     model.to(device).train()
+    table_gradient = RowGradients(model.bert.embeddings.word_embeddings)
     piece_weight = None
     if args.piece_weight != 1.0:
         piece_weight = torch.ones(len(vocab), device=device)
@@ -500,11 +466,11 @@ def train(model: BertForTokenClassification, rows: Sequence[tuple[list[int], lis
                                    position_ids=positions.to(device)).logits
                     loss = weighted_loss(logits, labels, piece_weight[ids])
             loss.backward()
-            clip_gradients(params, 1.0)
-            for optimizer, schedule in zip(optimizers, schedules, strict=True):
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+            table_gradient.clip(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            table_gradient.reset()
             if average is not None:
                 torch._foreach_lerp_(average, [p.detach() for p in params], 1 - args.ema)
             step += 1
@@ -513,11 +479,12 @@ def train(model: BertForTokenClassification, rows: Sequence[tuple[list[int], lis
             running = running.lerp(value, 0.02) if step > 1 else value
             if step % args.log_every == 0 or step == total:
                 elapsed = time.time() - start
-                lr = schedules[0].get_last_lr()[0]
+                lr = schedule.get_last_lr()[0]
                 print(f"step {step}/{total} loss {running.item():.4f} lr {lr:.2e}"
                       f" {tokens / elapsed:.0f} tok/s elapsed {elapsed / 60:.1f} min", flush=True)
             if step >= total:
                 break
+    table_gradient.detach()
     if average is not None:
         torch._foreach_copy_([p.detach() for p in params], average)
     model.config._attn_implementation = "eager"
