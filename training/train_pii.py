@@ -10,7 +10,8 @@
    words of each language and of the training names, places and organisations, those seen most
    often in the training texts first (digits are merged into pieces unless ``--split-digits``).
 3. Train a BertForTokenClassification from scratch with a plain PyTorch loop (AdamW, linear
-   warmup and decay, length-bucketed batches, bf16 autocast). Every subword is labelled (B- on an
+   warmup and decay, length-bucketed batches, bf16 autocast where the hardware has bf16, the
+   word-embedding gradient kept as rows: ``row_gradients.py``). Every subword is labelled (B- on an
    entity's first token, I- on the rest); [CLS]/[SEP] are O, padding is -100.
 4. Report entity-level F1 (seqeval, over token tags) on the held-out set and on the hand-written
    natural sentences (``eval_natural.jsonl``), then save the model in fp16 with its tokenizer,
