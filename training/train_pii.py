@@ -731,7 +731,12 @@ def fill_card(card: str, metrics: dict) -> str:
         "natural_table": per_type_table(metrics["natural"]),
         "vocab_size": args["vocab_size"], "common_words": args["common_words"],
         "entity_words": args.get("entity_words", "0"),
-        "reserved_words": args.get("reserved_words", "0"),
+        "reserved_note": (
+            f"the capitalised form of the {args['reserved_words']} most frequent words of each "
+            "language as whole entries (names in news text such as \"Merkel\", \"Macron\", "
+            "\"Obama\" stay whole), " if int(args.get("reserved_words", "0")) else ""),
+        "layers": args["layers"], "hidden": args["hidden"], "heads": args["heads"],
+        "intermediate": args["intermediate"],
         "batch_size": args["batch_size"], "dropout": args["dropout"],
         "precision": ("fp32 arithmetic" if args.get("precision") == "fp32"
                       else "bf16 autocast"),
