@@ -146,3 +146,20 @@ def test_validation_set_is_drawn_like_training_from_another_seed():
 def test_precision_auto_follows_the_hardware(monkeypatch, argv, has_bf16, precision):
     monkeypatch.setattr(train_pii, "cpu_has_bf16", lambda: has_bf16)
     assert train_pii.parse_args(argv).precision == precision
+
+
+@pytest.mark.parametrize(("changes", "shape", "reserved"), [
+    ({}, "4 layers, hidden 256, 4 heads, feed-forward 512", False),
+    # a run from before --intermediate existed (run C's metrics), with reserved words
+    ({"intermediate": None, "reserved_words": "1500"},
+     "4 layers, hidden 256, 4 heads, feed-forward 1024", True),
+])
+def test_model_card_is_filled_from_the_run(changes, shape, reserved):
+    import json
+
+    bundled = Path(train_pii.HERE).parent / "tagserve/bundled/pii-bert-small"
+    metrics = json.loads((bundled / "metrics.json").read_text())
+    metrics["args"] = {k: v for k, v in {**metrics["args"], **changes}.items() if v is not None}
+    card = train_pii.fill_card((train_pii.HERE / "model_card.md").read_text(), metrics)
+    assert "{{" not in card and f"({shape}," in card
+    assert ("most frequent words of each language as whole entries" in card) == reserved

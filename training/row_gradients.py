@@ -38,7 +38,8 @@ class _LookupAddingRows(torch.autograd.Function):
 class RowGradients:
     """Attach to an ``nn.Embedding`` for training; ``detach`` restores the plain module.
 
-    Per step: forward (records the rows), backward, ``clip(other_params, max_norm)``, the
+    Per step: forward (records the rows), backward, ``clip(params, max_norm)`` (all of the
+    model's parameters; the table's are read as rows), the
     optimiser step, ``optimizer.zero_grad()``, then ``reset()``.
     """
 

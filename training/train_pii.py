@@ -736,7 +736,8 @@ def fill_card(card: str, metrics: dict) -> str:
             "language as whole entries (names in news text such as \"Merkel\", \"Macron\", "
             "\"Obama\" stay whole), " if int(args.get("reserved_words", "0")) else ""),
         "layers": args["layers"], "hidden": args["hidden"], "heads": args["heads"],
-        "intermediate": args["intermediate"],
+        # runs before --intermediate existed used BERT's 4 x hidden
+        "intermediate": args.get("intermediate") or str(4 * int(args["hidden"])),
         "batch_size": args["batch_size"], "dropout": args["dropout"],
         "precision": ("fp32 arithmetic" if args.get("precision") == "fp32"
                       else "bf16 autocast"),
