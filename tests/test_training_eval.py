@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,20 @@ def test_training_only_options_leave_the_heldout_stream_alone():
     assert sum(1 for ex in cut if ex.spans and min(s for s, _, _ in ex.spans) == 0) > 100
     cased = [ex.text for ex in data.Generator("train", 0, case_rate=1.0).take(300)]
     assert sum(t == t.lower() or t == t.upper() for t in cased) == len(cased)
+
+
+def test_training_values_name_web_domains_and_profiles():
+    import data
+
+    values = data.Values(random.Random(0), train=True)
+    domains = [values.web_domain(locale) for locale in data.LOCALES for _ in range(60)]
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*(\.[a-z]+){1,2}", d) for d in domains)
+    assert sum("-" in d for d in domains) > 40
+    assert len({d.split(".", 1)[1] for d in domains}) > 30
+    profiles = [values.profile_url("en_US") for _ in range(200)]
+    assert any(re.fullmatch(r"(https?://)?(www\.)?github\.com/[a-z]+\d+", p) for p in profiles)
+    emails = [values.email("nl_NL") for _ in range(200)]
+    assert all(re.fullmatch(r"[a-z0-9._-]+@[a-z0-9.-]+\.[a-z]+", e) for e in emails)
 
 
 def test_heldout_stream_is_pinned():

@@ -227,6 +227,8 @@ class Values:
     # -- contact and online -----------------------------------------------------------------
     def email(self, locale: str) -> str:
         fake = self.fakers[locale]
+        if self.train and self.rng.random() < 0.3:
+            return f"{self.local_part(locale)}@{self.web_domain(locale)}"
         r = self.rng.random()
         if r < 0.3:
             return fake.free_email()
@@ -234,11 +236,29 @@ class Values:
             return fake.company_email()
         if r < 0.65:
             return fake.email()
+        return f"{self.local_part(locale)}@{fake.domain_name()}"
+
+    def local_part(self, locale: str) -> str:
+        fake = self.fakers[locale]
         first, last = ascii_fold(fake.first_name()), ascii_fold(fake.last_name())
-        local = self.rng.choice((f"{first}.{last}", f"{first[:1]}{last}", f"{first}_{last}",
-                                 f"{first}{self.rng.randrange(100)}", f"{last}.{first}",
-                                 "info", "support", "hr", "contact", "billing"))
-        return f"{local}@{fake.domain_name()}"
+        return self.rng.choice((f"{first}.{last}", f"{first[:1]}{last}", f"{first}_{last}",
+                                f"{first}{self.rng.randrange(100)}", f"{last}.{first}",
+                                "info", "support", "hr", "contact", "billing"))
+
+    def web_domain(self, locale: str) -> str:
+        """Training only: domains Faker does not make: brand words, hyphenated company names
+        with a legal form ("dehaan-bv.nl"), prefixed product names ("getfinch.app") and newer
+        top-level domains, so that a dot or hyphen inside an address reads as part of it."""
+        rng, fake = self.rng, self.fakers[locale]
+        word = ascii_fold(rng.choice(lexicon(LOCALES[locale] if rng.random() < 0.5 else "en")))
+        word = word.strip(".-") or "web"
+        last = ascii_fold(fake.last_name()).strip(".-").replace(".", "") or word
+        legal = ascii_fold(rng.choice(T.ORG_SUFFIXES)).replace(".", "") or "group"
+        name = rng.choice((word, word + rng.choice(T.BRAND_ENDINGS), f"{last}-{legal}",
+                           f"{word}-{ascii_fold(rng.choice(T.BRAND_STARTS))}",
+                           f"{rng.choice(T.DOMAIN_PREFIXES)}{word}", f"{last}{legal}",
+                           f"{word}{rng.randrange(2, 100)}"))
+        return f"{name}.{rng.choice(T.TOP_LEVEL_DOMAINS)}"
 
     def phone(self, locale: str) -> str:
         if self.rng.random() < 0.75:
@@ -256,6 +276,8 @@ class Values:
     def url(self, locale: str) -> str:
         if self.train and self.rng.random() < 0.4:
             return self.long_url(locale)
+        if self.train and self.rng.random() < 0.2:
+            return self.profile_url(locale)
         fake = self.fakers[locale]
         r = self.rng.random()
         if r < 0.3:
@@ -276,7 +298,7 @@ class Values:
         queries and fragments, so that a slash inside a URL reads as part of it while a
         spaced " / " between fields is a separator."""
         fake, rng = self.fakers[locale], self.rng
-        host = fake.domain_name()
+        host = self.web_domain(locale) if rng.random() < 0.3 else fake.domain_name()
         r = rng.random()
         if r < 0.25:
             host = f"www.{host}"
@@ -302,6 +324,19 @@ class Values:
             path += f"#{ascii_fold(fake.word())}"
         scheme = rng.choice(("https://", "https://", "http://", ""))
         return f"{scheme}{host}/{path}"
+
+    def profile_url(self, locale: str) -> str:
+        """Training only: profiles and repositories on code hosts and social networks, whose
+        user handles mix letters and digits ("github.com/jdoe42")."""
+        rng, fake = self.rng, self.fakers[locale]
+        first, last = ascii_fold(fake.first_name()), ascii_fold(fake.last_name())
+        handle = rng.choice((f"{first[:1]}{last}{rng.randrange(100)}", f"{first}{last}",
+                             f"{first}-{last}", f"{first}_{last}{rng.randrange(10, 100)}",
+                             f"{last}{rng.randrange(1960, 2010)}", f"{first}.{last}"))
+        host = rng.choice(T.PROFILE_HOSTS)
+        path = host.format(handle=handle, repo="-".join(
+            ascii_fold(w) for w in fake.words(rng.randint(1, 2))))
+        return rng.choice(("https://", "https://", "", "", "www.", "http://")) + path
 
     def ip(self, locale: str) -> str:
         fake = self.fakers[locale]

@@ -841,6 +841,20 @@ URL_SEGMENTS: list[str] = ["index.html", "en", "de", "fr", "docs", "api", "blog"
                            "products", "user", "profile", "login", "search", "download",
                            "assets", "img", "wiki", "issues", "pull", "releases", "s", "p",
                            "getting-started", "faq", "contact", "about-us", "careers"]
+# training-only web domains (`Values.web_domain`) and profile URLs (`Values.profile_url`)
+DOMAIN_PREFIXES: list[str] = ["get", "try", "use", "my", "go", "hello", "join", "the", "team",
+                              "mail", "shop", "app"]
+TOP_LEVEL_DOMAINS: list[str] = [
+    "com", "com", "com", "net", "org", "io", "app", "dev", "ai", "co", "tech", "shop", "cloud",
+    "xyz", "me", "info", "eu", "de", "nl", "fr", "es", "it", "ch", "at", "be", "pl", "se", "dk",
+    "no", "pt", "ie", "co.uk", "org.uk", "com.au", "co.nz", "ca", "us", "online", "site",
+    "store", "studio", "agency", "email", "solutions", "digital", "health", "law", "bank"]
+PROFILE_HOSTS: list[str] = [
+    "github.com/{handle}", "github.com/{handle}/{repo}", "gitlab.com/{handle}/{repo}",
+    "bitbucket.org/{handle}/{repo}", "codeberg.org/{handle}", "huggingface.co/{handle}",
+    "linkedin.com/in/{handle}", "x.com/{handle}", "twitter.com/{handle}",
+    "instagram.com/{handle}", "facebook.com/{handle}", "medium.com/@{handle}",
+    "youtube.com/@{handle}", "t.me/{handle}", "{handle}.github.io", "{handle}.github.io/{repo}"]
 # punctuation pairs around a value (outside the entity span)
 WRAPPERS: list[tuple[str, str]] = [('"', '"'), ("'", "'"), ("(", ")"), ("[", "]"), ("<", ">"),
                                    ("«", "»"), ("„", "“"), ("*", "*"), ("`", "`"), ("“", "”")]
