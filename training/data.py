@@ -26,7 +26,7 @@ from pathlib import Path
 
 import wordfreq
 from faker import Faker
-from tokenizers import Tokenizer
+from tokenizers import Encoding
 
 try:  # run as `python training/train_pii.py` or imported as `training.data`
     from . import templates as T
@@ -941,11 +941,11 @@ def token_labels(offsets: Sequence[tuple[int, int]], special: Sequence[int],
     return tags
 
 
-def encode(tokenizer: Tokenizer, example: Example, max_len: int, special: int = IGNORE
+def encode(enc: Encoding, example: Example, max_len: int, special: int = IGNORE
            ) -> tuple[list[int], list[int]]:
-    """Token ids and label ids, truncated to ``max_len``; special tokens get label ``special``
-    (training uses O so that every output row means something; evaluation skips them)."""
-    enc = tokenizer.encode(example.text)
+    """Token ids and label ids of ``example`` from its encoding, truncated to ``max_len``;
+    special tokens get label ``special`` (training uses O so that every output row means
+    something; evaluation skips them)."""
     tags = token_labels(enc.offsets, enc.special_tokens_mask, example.spans)
     ids = enc.ids
     labels = [special if t is None else LABEL2ID[t] for t in tags]
