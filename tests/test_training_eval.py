@@ -164,9 +164,9 @@ def test_precision_auto_follows_the_hardware(monkeypatch, argv, has_bf16, precis
 
 
 @pytest.mark.parametrize(("changes", "shape", "reserved"), [
-    ({}, "4 layers, hidden 256, 4 heads, feed-forward 512", False),
+    ({}, "3 layers, hidden 256, 4 heads, feed-forward 512", False),
     # a run from before --intermediate existed (run C's metrics), with reserved words
-    ({"intermediate": None, "reserved_words": "1500"},
+    ({"intermediate": None, "reserved_words": "1500", "layers": "4"},
      "4 layers, hidden 256, 4 heads, feed-forward 1024", True),
 ])
 def test_model_card_is_filled_from_the_run(changes, shape, reserved):

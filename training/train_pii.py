@@ -84,7 +84,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=HERE.parent / "tagserve/bundled/pii-bert-small")
-    p.add_argument("--train-size", type=int, default=185_000)
+    p.add_argument("--train-size", type=int, default=220_000)
     p.add_argument("--heldout-size", type=int, default=2_000)
     p.add_argument("--valid-size", type=int, default=2_000,
                    help=f"validation examples (train templates, seed + {VALID_SEED_OFFSET}) "
@@ -102,19 +102,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="candidate whole entries: the N most frequent words of training names, "
                         "places and organisations (names split into pieces got different tags "
                         "per piece)")
-    p.add_argument("--max-vocab", type=int, default=30_269,
+    p.add_argument("--max-vocab", type=int, default=32_332,
                    help="vocabulary size: the --vocab-size trained pieces, the "
                         "--reserved-words, then the candidate words seen most often in the "
                         "training texts (the embedding table is most of the model's size; words "
-                        "seen rarely would stay untrained; 30,269 is the most under 20,000,000 "
-                        "bytes with --intermediate 512)")
+                        "seen rarely would stay untrained; 32,332 is the most under 20,000,000 "
+                        "bytes with 3 layers and --intermediate 512)")
     p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=False,
                    help="one token per digit (numbers are not merged into vocabulary pieces)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="reuse this tokenizer.json instead of training one (the WordPiece "
                         "trainer breaks ties in hash order, so only this reproduces a "
                         "checkpoint bit for bit)")
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=3)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=512,
