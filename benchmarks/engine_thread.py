@@ -83,20 +83,22 @@ def main() -> int:
         out = llm.encode(prompts[form], pooling_task="token_classify", use_tqdm=False)
         if profile is not None:
             profile.disable()
-        wall = time.perf_counter() - start
+        end = time.perf_counter()
+        wall = end - start
         thread = time.thread_time() - thread
         others = time.process_time() - process - thread
         assert len(out) == n and gpu.tokens == tokens
         del out
         return {"form": form, "engine_us": 1e6 * thread / n, "others_us": 1e6 * others / n,
                 "cpu_bound_tok_s": tokens / thread, "emulated_tok_s": tokens / wall,
-                "idle_share": gpu.idle / wall, "wall": wall}
+                "idle_share": gpu.idle / wall, "wall": wall,
+                "head_ms": 1e3 * (gpu.first - start), "tail_ms": 1e3 * (end - gpu.free_at)}
 
     print(f"tree {args.repo.resolve()}; {n} {args.corpus} prompts ({tokens} tokens, mean "
           f"{tokens / n:.0f}), emulated GPU {args.rate:.3g} tok/s, batches <= "
           f"{args.max_num_batched_tokens} tokens\n\n| prompts | engine thread us/prompt | "
           "engine-CPU-bound tok/s | other threads us/prompt | emulated tok/s | device idle |"
-          "\n|---|---:|---:|---:|---:|---:|", flush=True)
+          " head ms | tail ms |\n|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     rows = []
     for form in args.inputs:
         run(form)  # warm-up
@@ -105,7 +107,8 @@ def main() -> int:
         rows.append({**best, "all_engine_us": [r["engine_us"] for r in results]})
         print(f"| {form} | {best['engine_us']:.1f} | {best['cpu_bound_tok_s'] / 1e6:.2f}M | "
               f"{best['others_us']:.1f} | {best['emulated_tok_s'] / 1e6:.2f}M | "
-              f"{100 * best['idle_share']:.0f}% |", flush=True)
+              f"{100 * best['idle_share']:.0f}% | "
+              f"{best['head_ms']:.0f} | {best['tail_ms']:.0f} |", flush=True)
         if args.profile:
             prof = cProfile.Profile()
             run(form, prof)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import itertools
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +23,14 @@ from tagserve.engine.inputs import (
     prompt_text,
     tokenize_chunk,
 )
-from tagserve.engine.offline import chunk_preparer, progress_bar, prompt_chunks, run_requests
+from tagserve.engine.offline import (
+    ENCODE_AHEAD,
+    StartedAhead,
+    chunk_preparer,
+    progress_bar,
+    prompt_chunks,
+    run_requests,
+)
 from tagserve.engine.request import Request
 from tagserve.engine.tokenizer import Tokenizer
 from tagserve.errors import ValidationError
@@ -118,7 +124,6 @@ class LLM:
         params = self._params(pooling_params, len(items), task)
         tokenize = TokenizeParams.from_kwargs(self.model_config.max_model_len,
                                               tokenization_kwargs)
-        request_ids = [str(next(self._request_counter)) for _ in items]
         chunks = prompt_chunks(self.llm_engine, len(items))
         outputs: list[PoolingRequestOutput] = [None] * len(items)  # type: ignore[list-item]
         bar = progress_bar(use_tqdm, len(items), "Processed prompts")
@@ -131,16 +136,15 @@ class LLM:
             if bar is not None:
                 bar.update(len(done))
 
-        # On CUDA chunk k+1 is tokenized in a thread while the engine runs chunk k.
+        # On CUDA the next chunks are tokenized in a thread while the engine runs this one.
         with chunk_preparer(self.llm_engine) as submit:
-            pending = deque(submit(self._encode_chunk, items, tokenize, chunk)
-                            for chunk in chunks)
+            pending = StartedAhead(
+                chunks, lambda chunk: submit(self._encode_chunk, items, tokenize, chunk),
+                ENCODE_AHEAD)
             try:
                 run_requests(self.llm_engine, pending, finished, functools.partial(
-                    self._make_requests, items, params, tokenize, request_ids))
+                    self._make_requests, items, params, tokenize))
             finally:
-                for future in pending:
-                    future.cancel()
                 if bar is not None:
                     bar.close()
         return outputs
@@ -235,12 +239,15 @@ class LLM:
         return chunk, encode_texts(texts, self.llm_engine.tokenizer, tokenize)
 
     def _make_requests(self, items: list[Prompt], params: list[PoolingParams],
-                       tokenize: TokenizeParams, request_ids: list[str],
+                       tokenize: TokenizeParams,
                        encoded: tuple[range, list[Encoding]]) -> list[Request]:
+        """A chunk's requests, made (request ids too) on the engine's thread as the chunk is
+        taken: nothing per prompt runs before the first batch but the first chunks' share."""
         chunk, encodings = encoded
         made = tokenize_chunk(items[chunk.start:chunk.stop], self.llm_engine.tokenizer,
                               tokenize, encodings)
-        return [Request(request_ids[i], token_ids, params[i], offsets, i, ids=ids)
+        counter = self._request_counter
+        return [Request(str(next(counter)), token_ids, params[i], offsets, i, ids=ids)
                 for i, token_ids, offsets, ids in zip(chunk, made.token_ids, made.offsets,
                                                       made.ids_views(), strict=True)]
 
@@ -248,8 +255,8 @@ class LLM:
                 task: str) -> list[PoolingParams]:
         if pooling_params is None:
             pooling_params = PoolingParams()
-        if isinstance(pooling_params, PoolingParams):
-            pooling_params = [pooling_params] * n
+        if isinstance(pooling_params, PoolingParams):  # one check, not one per prompt
+            return [self._params([pooling_params], 1, task)[0]] * n
         if len(pooling_params) != n:
             raise ValueError(f"The lengths of prompts ({n}) and params ({len(pooling_params)}) "
                              "must be the same.")

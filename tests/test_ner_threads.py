@@ -62,18 +62,26 @@ def test_in_process_the_side_thread_runs_only_the_rust_tokenizer(bert, monkeypat
 
 
 def test_chunks_are_prepared_two_ahead_of_the_engine(bert, monkeypatch):
+    """When the engine takes chunk k, chunks up to k + AHEAD (and no more) have started."""
     started: list[int] = []
-    original = documents._Chunk.start
+    seen_at_take: list[int] = []
+    init, result = documents._Chunk.__init__, documents._Chunk.result
 
-    def start(chunk: documents._Chunk) -> None:
-        if chunk.prepared is None:
-            started.append(chunk.chunk.start)
-        original(chunk)
+    def record_init(chunk: documents._Chunk, *args: Any) -> None:
+        init(chunk, *args)
+        started.append(chunk.chunk.start)
 
-    monkeypatch.setattr(documents._Chunk, "start", start)
+    def record_take(chunk: documents._Chunk) -> Any:
+        seen_at_take.append(len(started))
+        return result(chunk)
+
+    monkeypatch.setattr(documents._Chunk, "__init__", record_init)
+    monkeypatch.setattr(documents._Chunk, "result", record_take)
     monkeypatch.setattr(documents, "prompt_chunks", lambda engine, n: growing_chunks(n, 64, 64))
     bert.ner(TEXTS, use_tqdm=False)
+    n = len(range(0, len(TEXTS), 64))
     assert started == list(range(0, len(TEXTS), 64))
+    assert seen_at_take == [min(n, k + 1 + documents.AHEAD) for k in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-from collections import deque
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -11,7 +10,7 @@ import torch
 
 from tagserve.config import SchedulerConfig
 from tagserve.engine.engine import LLMEngine
-from tagserve.engine.offline import cyclic_gc_paused, run_requests
+from tagserve.engine.offline import StartedAhead, cyclic_gc_paused, run_requests
 from tagserve.engine.request import Request
 from tagserve.engine.scheduler import Scheduler
 from tagserve.params import PoolingParams
@@ -71,7 +70,8 @@ def test_small_chunks_fill_a_batch():
     one chunk each (short prompts would otherwise run in batches of one chunk)."""
     engine = _engine(100)
     chunks = [_requests([10] * 4, 4 * k) for k in range(10)]
-    done = run_requests(engine, deque(map(_ready, chunks)))
+    done: list[Request] = []
+    run_requests(engine, StartedAhead(chunks, _ready, 2), done.extend)
     assert [r.request_id for r in done] == [str(i) for i in range(40)]
     assert all(float(r.result[0, 0]) == 10.0 for r in done)
     assert engine.runner.batches == [100, 100, 100, 100]
@@ -117,3 +117,21 @@ def test_chunk_preparer_defers_chunks_without_a_pipelined_device():
             assert all(name.startswith("tagserve-tokenize") for name in calls)
         else:
             assert calls == [threading.current_thread().name]
+
+
+def test_started_ahead_starts_chunks_as_the_engine_takes_them():
+    started: list[int] = []
+
+    def start(k: int) -> Future[int]:
+        started.append(k)
+        return _ready(k)  # type: ignore[arg-type]
+
+    chunks = StartedAhead(range(5), start, 2)
+    assert started == [0, 1] and chunks
+    assert chunks.popleft().result() == 0 and started == [0, 1, 2]
+    taken = [chunks.popleft().result() for _ in range(4)]
+    assert taken == [1, 2, 3, 4] and not chunks and started == [0, 1, 2, 3, 4]
+    cancelled = StartedAhead(range(5), lambda k: Future(), 3)
+    futures = list(cancelled._started)
+    cancelled.cancel()
+    assert not cancelled and all(f.cancelled() for f in futures)

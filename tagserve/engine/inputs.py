@@ -105,7 +105,8 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     """vLLM's `prompt_to_seq`: a str, dict or non-empty list of ints is one prompt."""
     if isinstance(prompts, (str, dict, bytes)):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and is_token_ids(prompts):
+    if (isinstance(prompts, (list, tuple)) and prompts
+            and isinstance(prompts[0], (int, np.integer)) and is_token_ids(prompts)):
         return [list(prompts)]
     if isinstance(prompts, (list, tuple)):
         return list(prompts)

@@ -10,7 +10,6 @@ chunks."""
 from __future__ import annotations
 
 import functools
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +18,13 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from tagserve.engine.engine import LLMEngine
-from tagserve.engine.offline import Pending, chunk_preparer, prompt_chunks, run_requests
+from tagserve.engine.offline import (
+    Pending,
+    StartedAhead,
+    chunk_preparer,
+    prompt_chunks,
+    run_requests,
+)
 from tagserve.engine.request import Request
 from tagserve.params import PoolingParams
 from tagserve.postprocess.windows import Document, WindowRows
@@ -83,28 +88,20 @@ def windows_to_run(doc: Document, width: int) -> list[int]:
 
 
 class _Chunk:
-    """A chunk of inputs as `run_requests` takes it (`done`, `result`): prepared elsewhere once
-    started, turned into requests on the engine's thread by `make`."""
+    """A chunk of inputs being prepared elsewhere, as `run_requests` takes it (`result`,
+    `cancel`): turned into requests on the engine's thread by `make`."""
 
-    def __init__(self, chunk: range, start: Callable[[range], Prepared],
+    def __init__(self, chunk: range, prepared: Prepared,
                  make: Callable[[range, Sequence[WindowRows]], list[Request]]) -> None:
         self.chunk = chunk
-        self._start = start
+        self.prepared = prepared
         self._make = make
-        self.prepared: Prepared | None = None
-
-    def start(self) -> None:
-        if self.prepared is None:
-            self.prepared = self._start(self.chunk)
 
     def result(self) -> list[Request]:
-        self.start()
-        assert self.prepared is not None
         return self._make(self.chunk, self.prepared.result())
 
     def cancel(self) -> None:
-        if self.prepared is not None:
-            self.prepared.cancel()
+        self.prepared.cancel()
 
 
 def run_documents(engine: LLMEngine, items: Sequence[Any],
@@ -122,8 +119,6 @@ def run_documents(engine: LLMEngine, items: Sequence[Any],
     ready: deque[tuple[int, Any]] = deque()
 
     def make(chunk: range, docs: Sequence[WindowRows]) -> list[Request]:
-        for ahead in itertools.islice(chunks, AHEAD):  # keep AHEAD chunks being prepared
-            ahead.start()
         requests = []
         for i, doc in zip(chunk, docs, strict=True):
             for k in windows_to_run(doc, width):
@@ -150,17 +145,9 @@ def run_documents(engine: LLMEngine, items: Sequence[Any],
             if progress is not None:
                 progress(len(batch))
 
-    def start(chunk: range) -> Prepared:
-        return prepare([items[i] for i in chunk])
+    def start(chunk: range) -> _Chunk:
+        return _Chunk(chunk, prepare([items[i] for i in chunk]), make)
 
-    pending = deque(_Chunk(chunk, start, make) for chunk in prompt_chunks(engine, len(items)))
-    chunks = pending  # `make` starts the next ones as each is taken
-    for chunk in itertools.islice(pending, AHEAD):
-        chunk.start()
-    try:
-        run_requests(engine, pending, on_done)  # type: ignore[arg-type]
-    finally:
-        for chunk in pending:
-            chunk.cancel()
+    run_requests(engine, StartedAhead(prompt_chunks(engine, len(items)), start, AHEAD), on_done)
     on_done([])  # documents without any token
     return results
