@@ -3,10 +3,11 @@
 Runs W1 (BERT-base-shaped) on CUDA over token ids and raw texts and prints, per run: tok/s,
 batches and their mean size, the GPU's busy time (event pairs around each launch: its work
 from the first kernel to the results' copy) and the rate while busy, the sum and largest of
-the gaps between one batch's end and the next one's start on the GPU, and the host time
-spent in `launch`. A gap sum near 0 means the GPU was fed all the time, and the rate is the
-GPU's; a large sum means the host starves it. `--repo` imports tagserve from another tree
-(A/B in two processes).
+the gaps between one batch's end and the next one's start on the GPU, the host time spent in
+`launch`, the head (from the call to the first launch) and the tail (the wall time left: from
+the last batch's end on the GPU to the call's return). A gap sum near 0 means the GPU was fed
+all the time, and the rate is the GPU's; a large sum means the host starves it. `--repo`
+imports tagserve from another tree (A/B in two processes).
 
     python benchmarks/gpu_timeline.py --corpus short50 --num-texts 100000
 """
@@ -46,40 +47,46 @@ def main() -> None:
     llm = LLM(str(ckpt), device="cuda", dtype="bfloat16", max_num_seqs=2048,
               max_num_batched_tokens=65536)
     batches: list[tuple[torch.cuda.Event, torch.cuda.Event, int, float]] = []
+    first_launch: list[float] = []  # host times of the launches (the first is the head's end)
     launch = ModelRunner.launch
 
     def timed_launch(self: ModelRunner, requests: list) -> object:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        host = time.perf_counter()
+        called = time.perf_counter()
         flight = launch(self, requests)
-        host = time.perf_counter() - host
+        host = time.perf_counter() - called
         end.record()
         batches.append((start, end, sum(r.num_tokens for r in requests), host))
+        first_launch.append(called)
         return flight
 
     ModelRunner.launch = timed_launch  # type: ignore[method-assign]
     llm.encode(corpus.token_ids[:2000], pooling_task="token_classify", use_tqdm=False)
     print(f"tree {args.repo.resolve()}; {args.num_texts} {args.corpus} texts, "
           f"{corpus.num_tokens} tokens\n\n| input | tok/s | batches | mean tokens | GPU busy s "
-          "| tok/s while busy | gaps s | largest gap ms | host in launch s |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| tok/s while busy | gaps s | largest gap ms | host in launch s "
+          "| head ms | tail ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for form in args.inputs:
         prompts = corpus.token_ids if form == "ids" else corpus.texts
         for _ in range(args.repeat):
             batches.clear()
+            first_launch.clear()
             torch.cuda.synchronize()
-            wall = time.perf_counter()
+            wall_start = time.perf_counter()
             out = llm.encode(prompts, pooling_task="token_classify", use_tqdm=False)
-            wall = time.perf_counter() - wall
+            wall = time.perf_counter() - wall_start
             torch.cuda.synchronize()
             busy = sum(a.elapsed_time(b) for a, b, _, _ in batches) / 1e3
             gaps = [batches[i][1].elapsed_time(batches[i + 1][0]) / 1e3
                     for i in range(len(batches) - 1)] or [0.0]
             tokens = sum(b[2] for b in batches)
+            head = first_launch[0] - wall_start
+            rest = wall - head - busy - sum(gaps)
             print(f"| {form} | {tokens / wall / 1e6:.3f}M | {len(batches)} | "
                   f"{tokens / len(batches):,.0f} | {busy:.2f} | {tokens / busy / 1e6:.3f}M | "
-                  f"{sum(gaps):.3f} | {max(gaps) * 1e3:.1f} | {sum(b[3] for b in batches):.2f} |",
+                  f"{sum(gaps):.3f} | {max(gaps) * 1e3:.1f} | {sum(b[3] for b in batches):.2f} | "
+                  f"{head * 1e3:.0f} | {rest * 1e3:.0f} |",
                   flush=True)
             del out
 
