@@ -95,8 +95,11 @@ class TokenizeParams:
 
 
 def is_token_ids(seq: Sequence[Any]) -> bool:
-    """A sequence of integers (not bools). Plain ints are checked on the fast path: a set of
+    """A sequence of integers (not bools). A first item that is no integer answers at once (a
+    list of 100k prompts is not scanned); plain ints are checked on the fast path: a set of
     the items' types, built in C, costs 5.6 µs for 265 ids where a generator costs 13.7."""
+    if seq and not isinstance(seq[0], (int, np.integer)):
+        return False
     return set(map(type, seq)) == {int} or all(
         isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq)
 
@@ -105,8 +108,7 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     """vLLM's `prompt_to_seq`: a str, dict or non-empty list of ints is one prompt."""
     if isinstance(prompts, (str, dict, bytes)):
         return [prompts]
-    if (isinstance(prompts, (list, tuple)) and prompts
-            and isinstance(prompts[0], (int, np.integer)) and is_token_ids(prompts)):
+    if isinstance(prompts, (list, tuple)) and prompts and is_token_ids(prompts):
         return [list(prompts)]
     if isinstance(prompts, (list, tuple)):
         return list(prompts)
