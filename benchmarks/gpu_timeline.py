@@ -46,8 +46,8 @@ def main() -> None:
                          spec.max_len)
     llm = LLM(str(ckpt), device="cuda", dtype="bfloat16", max_num_seqs=2048,
               max_num_batched_tokens=65536)
-    batches: list[tuple[torch.cuda.Event, torch.cuda.Event, int, float]] = []
-    first_launch: list[float] = []  # host times of the launches (the first is the head's end)
+    # Per launch: events around it, its tokens, host seconds in it, host time it was called.
+    batches: list[tuple[torch.cuda.Event, torch.cuda.Event, int, float, float]] = []
     launch = ModelRunner.launch
 
     def timed_launch(self: ModelRunner, requests: list) -> object:
@@ -57,8 +57,7 @@ def main() -> None:
         flight = launch(self, requests)
         host = time.perf_counter() - called
         end.record()
-        batches.append((start, end, sum(r.num_tokens for r in requests), host))
-        first_launch.append(called)
+        batches.append((start, end, sum(r.num_tokens for r in requests), host, called))
         return flight
 
     ModelRunner.launch = timed_launch  # type: ignore[method-assign]
@@ -71,17 +70,16 @@ def main() -> None:
         prompts = corpus.token_ids if form == "ids" else corpus.texts
         for _ in range(args.repeat):
             batches.clear()
-            first_launch.clear()
             torch.cuda.synchronize()
             wall_start = time.perf_counter()
             out = llm.encode(prompts, pooling_task="token_classify", use_tqdm=False)
             wall = time.perf_counter() - wall_start
             torch.cuda.synchronize()
-            busy = sum(a.elapsed_time(b) for a, b, _, _ in batches) / 1e3
+            busy = sum(a.elapsed_time(b) for a, b, *_ in batches) / 1e3
             gaps = [batches[i][1].elapsed_time(batches[i + 1][0]) / 1e3
                     for i in range(len(batches) - 1)] or [0.0]
             tokens = sum(b[2] for b in batches)
-            head = first_launch[0] - wall_start
+            head = batches[0][4] - wall_start
             rest = wall - head - busy - sum(gaps)
             print(f"| {form} | {tokens / wall / 1e6:.3f}M | {len(batches)} | "
                   f"{tokens / len(batches):,.0f} | {busy:.2f} | {tokens / busy / 1e6:.3f}M | "
