@@ -5,9 +5,10 @@ batches and their mean size, the GPU's busy time (event pairs around each launch
 from the first kernel to the results' copy) and the rate while busy, the sum and largest of
 the gaps between one batch's end and the next one's start on the GPU, the host time spent in
 `launch`, the head (from the call to the first launch) and the tail (the wall time left: from
-the last batch's end on the GPU to the call's return). A gap sum near 0 means the GPU was fed
-all the time, and the rate is the GPU's; a large sum means the host starves it. `--repo`
-imports tagserve from another tree (A/B in two processes).
+the last batch's end on the GPU to the call's return), and the GPU's median power and SM clock
+during the call (`nvidia-smi`). A gap sum near 0 means the GPU was fed all the time, and the
+rate is the GPU's; a large sum means the host starves it. `--repo` imports tagserve from
+another tree (A/B in two processes).
 
     python benchmarks/gpu_timeline.py --corpus short50 --num-texts 100000
 """
@@ -30,10 +31,12 @@ def main() -> None:
     p.add_argument("--num-texts", type=int, default=30000)
     p.add_argument("--inputs", nargs="+", default=["ids", "text"], choices=("ids", "text"))
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--max-num-batched-tokens", type=int, default=65536)
     p.add_argument("--repo", type=Path, default=REPO, help="tree to import tagserve from")
     p.add_argument("--cache", type=Path, default=Path("/tmp/tagserve-bench"))
     args = p.parse_args()
     sys.path.insert(0, str(args.repo.resolve()))
+    from metrics import PowerLog
     from transformers import AutoTokenizer
     from workloads import WORKLOADS, build_checkpoint, make_corpus
 
@@ -45,7 +48,7 @@ def main() -> None:
     corpus = make_corpus(args.corpus, args.num_texts, AutoTokenizer.from_pretrained(str(ckpt)),
                          spec.max_len)
     llm = LLM(str(ckpt), device="cuda", dtype="bfloat16", max_num_seqs=2048,
-              max_num_batched_tokens=65536)
+              max_num_batched_tokens=args.max_num_batched_tokens)
     # Per launch: events around it, its tokens, host seconds in it, host time it was called.
     batches: list[tuple[torch.cuda.Event, torch.cuda.Event, int, float, float]] = []
     launch = ModelRunner.launch
@@ -65,7 +68,9 @@ def main() -> None:
     print(f"tree {args.repo.resolve()}; {args.num_texts} {args.corpus} texts, "
           f"{corpus.num_tokens} tokens\n\n| input | tok/s | batches | mean tokens | GPU busy s "
           "| tok/s while busy | gaps s | largest gap ms | host in launch s "
-          "| head ms | tail ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| head ms | tail ms | GPU power, clock |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    power = PowerLog()
     for form in args.inputs:
         prompts = corpus.token_ids if form == "ids" else corpus.texts
         for _ in range(args.repeat):
@@ -84,9 +89,10 @@ def main() -> None:
             print(f"| {form} | {tokens / wall / 1e6:.3f}M | {len(batches)} | "
                   f"{tokens / len(batches):,.0f} | {busy:.2f} | {tokens / busy / 1e6:.3f}M | "
                   f"{sum(gaps):.3f} | {max(gaps) * 1e3:.1f} | {sum(b[3] for b in batches):.2f} | "
-                  f"{head * 1e3:.0f} | {rest * 1e3:.0f} |",
-                  flush=True)
+                  f"{head * 1e3:.0f} | {rest * 1e3:.0f} | "
+                  f"{power.between(wall_start, wall_start + wall)} |", flush=True)
             del out
+    power.close()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""What the benchmark measures besides time: FLOPs, the machine's matmul ceiling, the machine
-itself, and how closely two systems' outputs agree."""
+"""What the benchmark measures besides time: FLOPs, the machine's matmul ceiling, the GPU's
+power and clock, the machine itself, and how closely two systems' outputs agree."""
 
 from __future__ import annotations
 
 import datetime
 import platform
+import statistics
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,70 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int,
         best, spent = min(best, took / iters), spent + took
         iters = min(iters * 2, 64)
     return 2.0 * size**3 / best
+
+
+def held_matmul_rate(device: torch.device, dtype: torch.dtype, size: int,
+                     seconds: float = 20.0) -> str:
+    """The rate of the same products held for `seconds` (the second half counts), with the
+    GPU's median power and clock meanwhile: what a long run can sustain once the GPU reaches its
+    power limit, against `peak_matmul_flops`'s best burst."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    power = PowerLog()
+    begin = time.perf_counter()
+    products, half = 0, None
+    while (now := time.perf_counter()) - begin < seconds:
+        if half is None and now - begin >= seconds / 2:
+            half, products = now, 0
+        for _ in range(10):
+            torch.mm(a, b, out=out)
+        torch.cuda.synchronize(device)
+        products += 10
+    end = time.perf_counter()
+    power.close()
+    return (f"{2.0 * size**3 * products / (end - half) / 1e12:.0f} TFLOP/s "
+            f"({power.between(half, end)})")
+
+
+# ---------------------------------------------------------------------------- power, clock
+
+
+class PowerLog:
+    """The GPU's power draw (W) and SM clock (MHz), read by `nvidia-smi` every 100 ms in a
+    thread. Under its power limit an H200 runs bf16 GEMMs at ~1.98 GHz; at the limit (700 W)
+    it lowers the clock, and work then costs energy more than cycles."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []  # (time, W, MHz)
+        try:
+            self._smi = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=power.draw,clocks.sm", "--format=csv,noheader,nounits",
+                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self._smi = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._smi.stdout:
+            try:
+                watts, mhz = (float(v) for v in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((time.perf_counter(), watts, mhz))
+
+    def between(self, start: float, end: float) -> str:
+        """Median W and MHz of the samples in [start, end] (`perf_counter` times)."""
+        inside = [(w, c) for t, w, c in self.samples if start <= t <= end]
+        if not inside:
+            return "n/a"
+        return (f"{statistics.median(w for w, _ in inside):.0f} W, "
+                f"{statistics.median(c for _, c in inside):.0f} MHz")
+
+    def close(self) -> None:
+        if self._smi is not None:
+            self._smi.kill()
 
 
 # ---------------------------------------------------------------------------------- machine

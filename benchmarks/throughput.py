@@ -37,6 +37,7 @@ from metrics import (
     Outputs,
     agreement,
     corpus_flops,
+    held_matmul_rate,
     linear_params,
     logits_rel_error,
     machine_info,
@@ -577,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              min_seconds=0.3 if st.smoke else 1.0)
     log(f"matmul ceiling: {peak / 1e12:.2f} TFLOP/s "
         f"({str(ceiling_dtype).removeprefix('torch.')}, {st.matmul_size}^3)")
+    if st.cuda and not st.smoke:
+        machine["matmul_held"] = held_matmul_rate(st.device, ceiling_dtype, st.matmul_size)
+        log(f"held for 20 s: {machine['matmul_held']}")
     settings = {k: str(v) if isinstance(v, Path | torch.device | torch.dtype) else v
                 for k, v in asdict(st).items() if k not in ("workloads",)}
     settings["ceiling_dtype"] = str(ceiling_dtype)
