@@ -45,12 +45,18 @@ def corpus_flops(lengths: np.ndarray, spec: WorkloadSpec, params: int) -> float:
 # ---------------------------------------------------------------------------- matmul ceiling
 
 
+def _square_operands(device: torch.device, dtype: torch.dtype,
+                     size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random `size` x `size` factors in `dtype` and room for their product."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    return a, b, torch.empty(size, size, device=device, dtype=dtype)
+
+
 def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int,
                       min_seconds: float = 1.0) -> float:
     """The dense matmul rate (FLOP/s) of `size`^3 products in `dtype`, best of a timed loop."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
+    a, b, out = _square_operands(device, dtype, size)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -76,9 +82,7 @@ def held_matmul_rate(device: torch.device, dtype: torch.dtype, size: int,
     """The rate of the same products held for `seconds` (the second half counts), with the
     GPU's median power and clock meanwhile: what a long run can sustain once the GPU reaches its
     power limit, against `peak_matmul_flops`'s best burst."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
+    a, b, out = _square_operands(device, dtype, size)
     power = PowerLog()
     begin = time.perf_counter()
     products, half = 0, None
@@ -91,8 +95,8 @@ def held_matmul_rate(device: torch.device, dtype: torch.dtype, size: int,
         products += 10
     end = time.perf_counter()
     power.close()
-    return (f"{2.0 * size**3 * products / (end - half) / 1e12:.0f} TFLOP/s "
-            f"({power.between(half, end)})")
+    return (f"{2.0 * size**3 * products / (end - half) / 1e12:.0f} TFLOP/s held for "
+            f"{seconds:.0f} s ({power.between(half, end)})")
 
 
 # ---------------------------------------------------------------------------- power, clock

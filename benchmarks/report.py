@@ -98,7 +98,7 @@ def _header(command: str, machine: dict[str, Any], peak: float, dtype: str,
         f"- date: {machine['date']}; whole run {elapsed:.0f}s",
         f"- dense matmul ceiling measured in this run: {peak / 1e12:.2f} TFLOP/s ({dtype}); "
         "MFU = model FLOPs over real tokens (2 x linear params + attention) / time / ceiling",
-        *([f"- the same products held for 20 s (the GPU at its power limit): "
+        *([f"- the same products, held (the GPU at its power limit): "
            f"{machine['matmul_held']}"] if "matmul_held" in machine else []),
         "",
     ]

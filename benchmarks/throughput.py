@@ -580,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({str(ceiling_dtype).removeprefix('torch.')}, {st.matmul_size}^3)")
     if st.cuda and not st.smoke:
         machine["matmul_held"] = held_matmul_rate(st.device, ceiling_dtype, st.matmul_size)
-        log(f"held for 20 s: {machine['matmul_held']}")
+        log(f"matmul rate {machine['matmul_held']}")
     settings = {k: str(v) if isinstance(v, Path | torch.device | torch.dtype) else v
                 for k, v in asdict(st).items() if k not in ("workloads",)}
     settings["ceiling_dtype"] = str(ceiling_dtype)
