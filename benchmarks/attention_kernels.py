@@ -4,7 +4,8 @@
 
 Shapes: BERT-base (12 heads x 64, bidirectional) and Qwen3-0.6B (16/8 heads x 128, causal), on
 16-512-token and 50-token sequences, bf16, on CUDA. Prints ms and TFLOP/s (real tokens only) per
-kernel; `--sweep` also times every block-size configuration of the Triton kernel.
+kernel, the Triton kernel launched both from a work list (the engine's way) and over a grid;
+`--sweep` also times every block-size configuration of the grid launch.
 """
 
 from __future__ import annotations
@@ -53,13 +54,19 @@ def measure(name: str, heads: int, kv_heads: int, head_dim: int, causal: bool, k
     flops = float((4 * heads * head_dim * lens.astype(np.float64) ** 2).sum())
     flops *= 0.5 if causal else 1.0
 
+    work = torch.from_numpy(attention_kernel.work_items(lens)).to(device)
+
     def triton(config: dict[str, int] | None = None) -> torch.Tensor:
         return attention_kernel.varlen_attention(q, k, v, cu, longest, causal, config=config)
+
+    def listed() -> torch.Tensor:
+        return attention_kernel.varlen_attention(q, k, v, cu, longest, causal, work=work)
 
     kernels: dict[str, Callable[[], object]] = {
         "torch FA2 varlen": lambda: torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, longest, longest, 0.0, causal, False),
-        "tagserve Triton": triton}
+        "tagserve Triton, work list (as the engine runs it)": listed,
+        "tagserve Triton, grid over the longest sequence": triton}
     if sweep:
         for bm, bn, warps, stages in itertools.product((64, 128), (32, 64), (4, 8), (2, 3)):
             config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}

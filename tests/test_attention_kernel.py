@@ -68,12 +68,14 @@ def test_work_items_cover_every_query_block():
 
 @needs_triton
 @pytest.mark.parametrize("causal", [False, True])
-def test_work_list_launch_equals_grid_launch(causal):
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 8, 128), (12, 12, 64)])
+def test_work_list_launch_equals_grid_launch(causal, heads, kv_heads, head_dim):
     """The same programs run from the work list (with idle items) as from the full grid."""
     torch.manual_seed(0)
     device, lengths = torch.device("cuda"), [*LENGTHS, 0, 3]
-    qkv = torch.randn(sum(lengths), 16 + 2 * 8, 128, device=device, dtype=torch.bfloat16)
-    q, k, v = qkv.split([16, 8, 8], dim=1)
+    qkv = torch.randn(sum(lengths), heads + 2 * kv_heads, head_dim, device=device,
+                      dtype=torch.bfloat16)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32,
                       device=device)
     grid = attention_kernel.varlen_attention(q, k, v, cu, max(lengths), causal)
